@@ -106,8 +106,12 @@ class NetworkConfig:
     """Faults of the in-memory transport, as plain knobs."""
 
     drop_prob: float = 0.0
-    delay_rounds: int = 0  # messages arrive this many rounds late (0: on time)
+    delay_prob: float = 0.0  # chance a message arrives delay_s seconds late
+    delay_s: float = 0.0
     churn_prob: float = 0.0  # chance a peer sits a round out (no training, no messages)
+    # How long a peer waits for its neighbours' updates each round. The in-process runtime
+    # runs on a virtual clock, so waiting there costs no wall time.
+    round_timeout_s: float = 30.0
     encoding: Literal["fp32", "fp16", "bf16"] = "fp32"
     max_message_bytes: int = 256 * 1024 * 1024
 
@@ -157,9 +161,10 @@ class ExperimentConfig:
         _check(self.trust.top_k >= 0, "trust.top_k", "must not be negative")
         _check(self.trust.predictions_top_k >= 1, "trust.predictions_top_k", "must be at least 1")
         n = self.network
-        for name in ("drop_prob", "churn_prob"):
+        for name in ("drop_prob", "delay_prob", "churn_prob"):
             _check(0.0 <= getattr(n, name) < 1.0, f"network.{name}", "must be in [0, 1)")
-        _check(n.delay_rounds >= 0, "network.delay_rounds", "must not be negative")
+        _check(n.delay_s >= 0, "network.delay_s", "must not be negative")
+        _check(n.round_timeout_s > 0, "network.round_timeout_s", "must be positive")
         _check(n.max_message_bytes > 0, "network.max_message_bytes", "must be positive")
         return self
 

@@ -1,0 +1,75 @@
+"""`p2pfed run EXPERIMENT.toml [--set key=value ...]` and `p2pfed report RUN_DIR`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from p2pfed.config import ConfigError, load_experiment
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="p2pfed", description="Decentralized, personalized LoRA fine-tuning.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run an experiment (every scheme and seed) into a run folder")
+    run.add_argument("experiment", help="an experiment TOML file, e.g. examples/default.toml")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key, e.g. --set training.rounds=5 --set 'schemes=[\"local\"]'")
+    run.add_argument("--out", help="the run folder (default: OUTPUT_DIR/NAME-TIMESTAMP)")
+
+    show = commands.add_parser("report", help="print the table and redraw the plots of a finished run")
+    show.add_argument("run_dir")
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "run":
+            return _run(args)
+        return _report(args)
+    except ConfigError as error:
+        print(f"p2pfed: configuration error: {error}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as error:
+        print(f"p2pfed: {error}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from p2pfed import report
+    from p2pfed.experiment import job_label, new_run_dir, run_experiment
+
+    config = load_experiment(args.experiment, args.overrides)
+    console = Console()
+    run_dir = new_run_dir(config, args.out)
+    console.print(f"[bold]{config.name}[/]: {config.num_peers} peers, schemes {', '.join(config.schemes)}, "
+                  f"seeds {list(config.seeds)}, {config.workers} worker(s) -> {run_dir}")
+    per_job = config.num_peers * config.training.rounds
+    with Progress(TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console) as progress:
+        tasks = {job_label(scheme, seed): progress.add_task(job_label(scheme, seed), total=per_job)
+                 for seed in config.seeds for scheme in config.schemes}
+        summary = run_experiment(config, run_dir, lambda label, n: progress.advance(tasks[label], n),
+                                 log=console.print)
+    report.print_table(summary, console)
+    console.print(f"results.json, events.jsonl and plots in {run_dir} ({summary['wall_time_s']:.0f} s)")
+    return 0
+
+
+def _report(args) -> int:
+    from p2pfed import report
+
+    summary = report.load_results(args.run_dir)
+    report.print_table(summary)
+    for path in report.draw_plots(summary, Path(args.run_dir)):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Forward passes a peer runs on its own data: test perplexity and trust scores for neighbours.
+
+Everything here runs in eval mode under inference_mode and sees only the calling peer's blocks.
+Logits are reduced at once (to a mean loss or to top-k log-probs), never kept over the vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from p2pfed.model import AdapterHost
+from p2pfed.trust import predictions_distance
+
+
+def _chunks(blocks: torch.Tensor, batch_size: int):
+    for start in range(0, len(blocks), batch_size):
+        yield blocks[start:start + batch_size]
+
+
+@torch.inference_mode()
+def mean_loss(host: AdapterHost, adapter: Mapping[str, torch.Tensor], blocks: torch.Tensor,
+              batch_size: int = 32) -> float:
+    """Mean next-token cross-entropy over every predicted token of `blocks`."""
+    total, count = 0.0, 0
+    with host.using(adapter) as model:
+        for batch in _chunks(blocks, batch_size):
+            logits = model(input_ids=batch).logits[:, :-1]
+            targets = batch[:, 1:]
+            total += nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                                 reduction="sum").item()
+            count += targets.numel()
+    return total / count
+
+
+def perplexity(host: AdapterHost, adapter: Mapping[str, torch.Tensor], blocks: torch.Tensor,
+               batch_size: int = 32) -> float:
+    return math.exp(mean_loss(host, adapter, blocks, batch_size))
+
+
+def validation_scores(host: AdapterHost, candidates: Mapping[str, Mapping[str, torch.Tensor]],
+                      blocks: torch.Tensor) -> dict[str, float]:
+    """S_ij = - mean loss of candidate j's adapter on this peer's validation blocks."""
+    return {name: -mean_loss(host, adapter, blocks) for name, adapter in candidates.items()}
+
+
+@torch.inference_mode()
+def _log_probs(host: AdapterHost, adapter: Mapping[str, torch.Tensor], blocks: torch.Tensor) -> torch.Tensor:
+    with host.using(adapter) as model:
+        logits = model(input_ids=blocks).logits[:, :-1]
+    return torch.log_softmax(logits.float(), dim=-1).reshape(-1, logits.shape[-1])
+
+
+def predictions_scores(host: AdapterHost, self_name: str, candidates: Mapping[str, Mapping[str, torch.Tensor]],
+                       blocks: torch.Tensor, top_k: int, kind: str) -> dict[str, float]:
+    """S_ij = - distance between j's and i's next-token distributions on i's validation inputs."""
+    own = _log_probs(host, candidates[self_name], blocks)
+    own_top, own_index = own.topk(min(top_k, own.shape[-1]), dim=-1)
+    del own
+    scores = {}
+    for name, adapter in candidates.items():
+        if name == self_name:
+            scores[name] = 0.0
+            continue
+        other = _log_probs(host, adapter, blocks)
+        scores[name] = -float(predictions_distance(own_top, own_index, other, kind))
+    return scores

@@ -1,0 +1,121 @@
+"""Run an experiment: every (scheme, seed) job, side by side in worker processes if asked, into a run folder."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from p2pfed import report
+from p2pfed.config import ExperimentConfig, to_dict
+from p2pfed.model import load_base_model
+from p2pfed.peer import RoundRecord
+from p2pfed.swarm import JobResult, Workspace, open_workspace, run_job
+
+ProgressCallback = Callable[[str, int], None]  # (job label, rounds advanced)
+
+
+def new_run_dir(config: ExperimentConfig, out: str | None = None) -> Path:
+    if out:
+        path = Path(out)
+    else:
+        path = Path(config.output_dir) / f"{config.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def job_label(scheme: str, seed: int) -> str:
+    return f"{scheme} seed {seed}"
+
+
+def run_experiment(config: ExperimentConfig, run_dir: Path, progress: ProgressCallback | None = None,
+                   log=print) -> dict:
+    """Run every job, write events.jsonl, results.json and the plots to `run_dir`; return the results."""
+    started = time.perf_counter()
+    # Pretrain (or find in the cache) the base model once, before any worker needs it.
+    load_base_model(config.model, log=log)
+    jobs = [(scheme, seed) for seed in config.seeds for scheme in config.schemes]
+    results: list[JobResult] = []
+    with open(run_dir / "events.jsonl", "w", encoding="utf-8") as events:
+        if config.workers == 1:
+            torch.set_num_threads(1)
+            workspace = open_workspace(config, log=log)
+            for scheme, seed in jobs:
+                results.append(run_job(config, workspace, scheme, seed, _round_reporter(scheme, seed, progress)))
+                _write_events(events, results[-1])
+        else:
+            for result in _run_in_workers(config, jobs, progress):
+                results.append(result)
+                _write_events(events, result)
+    summary = report.summarize(config, results)
+    summary["wall_time_s"] = round(time.perf_counter() - started, 2)
+    (run_dir / "results.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    report.draw_plots(summary, run_dir)
+    return summary
+
+
+def _round_reporter(scheme: str, seed: int, progress: ProgressCallback | None):
+    if progress is None:
+        return None
+    label = job_label(scheme, seed)
+
+    def on_round(peer: str, record: RoundRecord) -> None:
+        if record.round > 0:
+            progress(label, 1)
+    return on_round
+
+
+def _write_events(events, result: JobResult) -> None:
+    for peer, peer_result in result.peers.items():
+        for record in peer_result.rounds:
+            line = {"scheme": result.scheme, "seed": result.seed, "peer": peer, **asdict(record)}
+            events.write(json.dumps(line) + "\n")
+
+
+# -- worker processes ----------------------------------------------------------------------
+
+_worker_state: dict = {}  # one per worker process: its workspace and progress queue
+
+
+def _worker_init(config: ExperimentConfig, queue) -> None:
+    torch.set_num_threads(1)  # two single-threaded workers beat one two-threaded process (compute-notes.md)
+    _worker_state["config"] = config
+    _worker_state["queue"] = queue
+    _worker_state["workspace"] = open_workspace(config, log=lambda *_: None)
+
+
+def _worker_job(scheme: str, seed: int) -> JobResult:
+    queue = _worker_state["queue"]
+    workspace: Workspace = _worker_state["workspace"]
+    return run_job(_worker_state["config"], workspace, scheme, seed,
+                   _round_reporter(scheme, seed, lambda label, n: queue.put((label, n))))
+
+
+def _run_in_workers(config: ExperimentConfig, jobs, progress: ProgressCallback | None):
+    context = multiprocessing.get_context("spawn")
+    queue = context.Manager().Queue()
+    with ProcessPoolExecutor(config.workers, mp_context=context, initializer=_worker_init,
+                             initargs=(config, queue)) as pool:
+        pending = {pool.submit(_worker_job, scheme, seed) for scheme, seed in jobs}
+        done = set()
+        while len(done) < len(pending):
+            for future in as_completed(pending - done, timeout=None):
+                _drain(queue, progress)
+                done.add(future)
+                yield future.result()
+                break
+            _drain(queue, progress)
+
+
+def _drain(queue, progress: ProgressCallback | None) -> None:
+    while not queue.empty():
+        label, n = queue.get()
+        if progress is not None:
+            progress(label, n)

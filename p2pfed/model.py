@@ -1,0 +1,279 @@
+"""The frozen base model and the LoRA adapters peers train on it.
+
+In one process every peer shares one frozen base model wrapped once by peft. A peer owns
+only its adapter tensors; `AdapterHost.using(adapter)` points the LoRA modules at them for
+the duration of a forward/backward pass. Pointing parameters costs microseconds, where
+peft's own adapter switching costs milliseconds (compute-notes.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from p2pfed.config import ConfigError, LoraConfig, ModelConfig
+from p2pfed.data import ByteTokenizer, load_pretrain_text
+
+# LoRA targets that cover attention and MLP linears, per model family.
+KNOWN_TARGETS: dict[str, tuple[str, ...]] = {
+    "gpt2": ("c_attn", "c_proj", "c_fc"),
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "mistral": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
+
+Adapter = dict[str, torch.Tensor]
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+@dataclass(frozen=True)
+class HFTokenizer:
+    """A Hugging Face tokenizer behind the project's two-method interface."""
+
+    inner: object
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.inner)
+
+    def encode(self, text: str) -> list[int]:
+        return self.inner.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.inner.decode(list(ids))
+
+
+@dataclass
+class BaseModel:
+    model: nn.Module  # a causal LM, every parameter frozen
+    tokenizer: Tokenizer
+    context: int  # longest sequence the model accepts
+    family: str
+
+
+# ---------------------------------------------------------------------------
+# Loading the base model.
+
+def default_cache_dir(config: ModelConfig) -> Path:
+    if config.cache_dir:
+        return Path(config.cache_dir)
+    return Path(os.environ.get("P2PFED_CACHE", Path.home() / ".cache" / "p2pfed"))
+
+
+def tiny_config(config: ModelConfig, vocab_size: int):
+    from transformers import GPT2Config
+
+    # No dropout: it doubles a tiny model's step time and makes trust evaluation noisy.
+    # gelu_pytorch_tanh is gelu_new, computed faster.
+    return GPT2Config(
+        vocab_size=vocab_size, n_positions=config.context, n_embd=config.n_embd,
+        n_layer=config.n_layer, n_head=config.n_head, activation_function="gelu_pytorch_tanh",
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+    )
+
+
+def tiny_model_key(config: ModelConfig, pretrain_text: str) -> str:
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("source", "gguf_file", "cache_dir")}
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
+    digest.update(hashlib.sha256(pretrain_text.encode()).digest())
+    return digest.hexdigest()[:16]
+
+
+def load_base_model(config: ModelConfig, log=print) -> BaseModel:
+    """The frozen base: the pretrained tiny default, a local HF directory, or a GGUF file."""
+    if config.source == "tiny":
+        model, tokenizer = _load_or_pretrain_tiny(config, log)
+        family = "gpt2"
+    else:
+        model, tokenizer = _load_local(config)
+        family = getattr(model.config, "model_type", "")
+    model.eval()
+    model.requires_grad_(False)
+    context = int(getattr(model.config, "n_positions", 0) or getattr(model.config, "max_position_embeddings", 0)
+                  or config.context)
+    return BaseModel(model=model, tokenizer=tokenizer, context=context, family=family)
+
+
+def _load_local(config: ModelConfig):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(config.source)
+    if path.suffix == ".gguf" and not config.gguf_file:
+        directory, gguf_file = str(path.parent), path.name
+    else:
+        directory, gguf_file = str(path), (config.gguf_file or None)
+    if not Path(directory).exists():
+        raise ConfigError(f"model.source: {config.source} does not exist (use \"tiny\", a local Hugging Face "
+                          f"model directory or a .gguf file)")
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True,
+                                                     dtype=torch.float32, **kwargs)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"model.source: cannot load {config.source}: {error}") from error
+    return model, HFTokenizer(tokenizer)
+
+
+def _load_or_pretrain_tiny(config: ModelConfig, log):
+    from transformers import GPT2LMHeadModel
+
+    tokenizer = ByteTokenizer()
+    text = load_pretrain_text()
+    directory = default_cache_dir(config) / f"tiny-{tiny_model_key(config, text)}"
+    if (directory / "config.json").is_file():
+        return GPT2LMHeadModel.from_pretrained(directory), tokenizer
+    log(f"Pretraining the tiny base model once ({config.pretrain_steps} steps on the built-in generic corpus); "
+        f"cached in {directory}")
+    model = pretrain_tiny(config, tokenizer.encode(text), tokenizer.vocab_size)
+    staging = directory.with_name(directory.name + f".tmp{os.getpid()}")
+    model.save_pretrained(staging)
+    # Rename last so that a crash never leaves a half-written cache entry behind.
+    try:
+        staging.rename(directory)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)  # another process finished first
+    return GPT2LMHeadModel.from_pretrained(directory), tokenizer
+
+
+def pretrain_tiny(config: ModelConfig, token_ids: Sequence[int], vocab_size: int) -> nn.Module:
+    """Train the whole tiny model on generic text, so that LoRA on top of it has something to adapt."""
+    from transformers import GPT2LMHeadModel
+
+    tokens = torch.tensor(token_ids, dtype=torch.long)
+    span = config.context
+    if len(tokens) <= span + 1:
+        raise ConfigError("the pretraining corpus is shorter than one context window")
+    with torch.random.fork_rng(devices=[]):  # HF initialises from the global RNG; keep ours untouched
+        torch.manual_seed(config.pretrain_seed)
+        model = GPT2LMHeadModel(tiny_config(config, vocab_size))
+    generator = torch.Generator().manual_seed(config.pretrain_seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.pretrain_lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.pretrain_lr,
+                                                   total_steps=max(config.pretrain_steps, 1), pct_start=0.1)
+    model.train()
+    for _ in range(config.pretrain_steps):
+        starts = torch.randint(0, len(tokens) - span, (config.pretrain_batch_size,), generator=generator)
+        batch = torch.stack([tokens[s:s + span] for s in starts.tolist()])
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+    model.eval()
+    return model
+
+
+# ---------------------------------------------------------------------------
+# LoRA adapters on the shared base.
+
+@dataclass(frozen=True)
+class AdapterSlot:
+    name: str  # the adapter tensor's name on the wire, e.g. "transformer.h.0.attn.c_attn.lora_A"
+    module: nn.Module  # the nn.Linear that holds it
+    shape: tuple[int, ...]
+    fan_in: int
+
+
+class AdapterHost:
+    """One peft-wrapped base model whose LoRA tensors can be pointed at any peer's adapter."""
+
+    def __init__(self, model: nn.Module, slots: list[AdapterSlot], lora: LoraConfig):
+        self.model = model
+        self.slots = slots
+        self.lora = lora
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {slot.name: slot.shape for slot in self.slots}
+
+    def initial_adapter(self, seed: int) -> Adapter:
+        """The seeded shared init: every peer starting from the same seed holds the same adapter.
+
+        A is drawn like peft's kaiming-uniform(a=sqrt(5)) init, from our own generator; B is zero.
+        """
+        generator = torch.Generator().manual_seed(seed)
+        adapter: Adapter = {}
+        for slot in self.slots:
+            if slot.name.endswith("lora_A"):
+                bound = 1.0 / math.sqrt(slot.fan_in)
+                adapter[slot.name] = (torch.rand(slot.shape, generator=generator) * 2 - 1) * bound
+            else:
+                adapter[slot.name] = torch.zeros(slot.shape)
+        return adapter
+
+    @contextlib.contextmanager
+    def using(self, adapter: Mapping[str, torch.Tensor]) -> Iterator[nn.Module]:
+        """Point every LoRA module at `adapter`'s tensors (no copy) for the duration of the block."""
+        saved = [slot.module.weight for slot in self.slots]
+        try:
+            for slot in self.slots:
+                slot.module._parameters["weight"] = adapter[slot.name]
+            yield self.model
+        finally:
+            for slot, weight in zip(self.slots, saved):
+                slot.module._parameters["weight"] = weight
+
+
+def attach_lora(base: BaseModel, lora: LoraConfig) -> AdapterHost:
+    import warnings
+
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    targets = list(lora.target_modules) or list(KNOWN_TARGETS.get(base.family, ())) or "all-linear"
+    peft_config = PeftLoraConfig(
+        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=0.0, target_modules=targets,
+        use_rslora=lora.rslora, fan_in_fan_out=base.family == "gpt2", bias="none", task_type="CAUSAL_LM",
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft's notes about Conv1D fan_in_fan_out
+        try:
+            model = get_peft_model(base.model, peft_config)
+        except ValueError as error:
+            raise ConfigError(f"lora.target_modules: {error}") from error
+    slots: list[AdapterSlot] = []
+    for path, module in model.base_model.model.named_modules():
+        if not isinstance(module, LoraLayer) or "default" not in module.lora_A:
+            continue
+        for part in ("lora_A", "lora_B"):
+            linear = getattr(module, part)["default"]
+            slots.append(AdapterSlot(name=f"{path}.{part}", module=linear, shape=tuple(linear.weight.shape),
+                                     fan_in=linear.weight.shape[1]))
+    if not slots:
+        raise ConfigError(f"lora.target_modules: no module of the model matches {targets}")
+    # Call the injected HF model directly: the peft wrapper's forward only adds overhead here.
+    inner = model.base_model.model
+    inner.eval()
+    return AdapterHost(model=inner, slots=slots, lora=lora)
+
+
+def trainable_copy(adapter: Mapping[str, torch.Tensor]) -> dict[str, nn.Parameter]:
+    return {name: nn.Parameter(tensor.detach().clone().float()) for name, tensor in adapter.items()}
+
+
+def lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of a (batch, length) block of token ids."""
+    logits = model(input_ids=batch).logits
+    return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))

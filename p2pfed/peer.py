@@ -1,0 +1,215 @@
+"""The peer: train k local steps -> send the shared adapter to neighbours -> take what arrived by the
+deadline -> trust -> aggregate -> evaluate. The same code runs in simulation and on the network;
+only the endpoint differs.
+
+A peer knows its own data, its neighbours' names and what they sent; never the global graph.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+import trio
+
+from p2pfed import aggregate, evaluate, trust, wire
+from p2pfed.config import Scheme, TrainingConfig, TrustConfig
+from p2pfed.data import PeerData, batches
+from p2pfed.model import AdapterHost, lm_loss, trainable_copy
+from p2pfed.seeding import generator
+from p2pfed.transport import Endpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PeerSpec:
+    name: str
+    neighbours: tuple[str, ...]
+    scheme: Scheme
+    seed: int
+    training: TrainingConfig
+    trust: TrustConfig
+    encoding: str = "fp32"
+    round_timeout_s: float = 30.0
+    max_message_bytes: int = 256 * 1024 * 1024
+    # Only the oracle baseline may know its neighbours' data mixtures; no real scheme uses them.
+    oracle_mixtures: Mapping[str, Mapping[str, float]] | None = None
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    round: int  # 0 is before any training
+    steps: int
+    train_loss: float | None
+    test_ppl: float | None
+    trust: dict[str, float]  # this round's weights over self and neighbours ({} when it did not aggregate)
+    missing: tuple[str, ...]  # neighbours whose update did not arrive by the deadline
+    bytes_sent: int
+    online: bool = True
+
+
+@dataclass
+class PeerResult:
+    name: str
+    rounds: list[RoundRecord] = field(default_factory=list)
+
+    @property
+    def final_test_ppl(self) -> float:
+        return next(r.test_ppl for r in reversed(self.rounds) if r.test_ppl is not None)
+
+    @property
+    def final_trust(self) -> dict[str, float]:
+        return next((r.trust for r in reversed(self.rounds) if r.trust), {})
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.rounds[-1].bytes_sent if self.rounds else 0
+
+
+class Peer:
+    """One participant. Construction stores references only; `run()` does the work."""
+
+    def __init__(self, spec: PeerSpec, host: AdapterHost, data: PeerData, endpoint: Endpoint,
+                 initial_adapter: Mapping[str, torch.Tensor],
+                 on_round: Callable[[str, RoundRecord], None] | None = None):
+        self.spec = spec
+        self.host = host
+        self.data = data
+        self.endpoint = endpoint
+        self.initial_adapter = initial_adapter
+        self.on_round = on_round
+
+    @property
+    def communicates(self) -> bool:
+        return self.spec.scheme != "local" and bool(self.spec.neighbours)
+
+    async def run(self) -> PeerResult:
+        spec, training = self.spec, self.spec.training
+        adapter = trainable_copy(self.initial_adapter)
+        optimizer = torch.optim.AdamW(adapter.values(), lr=training.lr, weight_decay=training.weight_decay)
+        stream = batches(self.data.train, training.batch_size, generator(spec.seed, "batches", spec.name))
+        expected_shapes = {name: tuple(t.shape) for name, t in adapter.items()}
+        latest: dict[str, wire.UpdateMessage] = {}  # the newest update each neighbour sent
+        result = PeerResult(spec.name)
+        steps = 0
+        self._record(result, RoundRecord(0, 0, None, self._test_ppl(adapter), {}, (), 0))
+        for round_index in range(1, training.rounds + 1):
+            if not self.endpoint.online(round_index):
+                # Churn: the device is away for this round; neighbours go on without it.
+                self._record(result, RoundRecord(round_index, steps, None, None, {}, (), self.endpoint.bytes_sent,
+                                                 online=False))
+                await trio.sleep(0)
+                continue
+            train_loss = self._train(adapter, optimizer, stream, training.local_steps)
+            steps += training.local_steps
+            weights: dict[str, float] = {}
+            missing: tuple[str, ...] = ()
+            if self.communicates and steps > training.warmup_steps:
+                await self._send(adapter, round_index)
+                await self._collect(latest, round_index, expected_shapes)
+                fresh = {n: m for n, m in latest.items() if m.round == round_index}
+                missing = tuple(n for n in spec.neighbours if n not in fresh)
+                usable = {n: m for n, m in latest.items() if m.round >= round_index - 1}  # at most one round stale
+                weights = self._weights(adapter, usable)
+                self._aggregate(adapter, usable, weights)
+            evaluate_now = round_index % training.eval_every == 0 or round_index == training.rounds
+            test_ppl = self._test_ppl(adapter) if evaluate_now else None
+            self._record(result, RoundRecord(round_index, steps, train_loss, test_ppl, weights, missing,
+                                             self.endpoint.bytes_sent))
+            await trio.sleep(0)  # let other peers and the transport run between rounds
+        return result
+
+    # -- the steps of a round -------------------------------------------------------------
+
+    def _train(self, adapter, optimizer, stream, steps: int) -> float:
+        total = 0.0
+        with self.host.using(adapter) as model:
+            for _ in range(steps):
+                loss = lm_loss(model, next(stream))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += loss.item()
+        return total / steps
+
+    async def _send(self, adapter, round_index: int) -> None:
+        message = wire.UpdateMessage(
+            sender=self.spec.name, round=round_index,
+            tensors={name: p.detach() for name, p in adapter.items()},
+            degree=len(self.spec.neighbours), num_samples=int(self.data.train.numel()),
+        )
+        payload = wire.encode_update(message, self.spec.encoding)
+        for neighbour in self.spec.neighbours:
+            await self.endpoint.send(neighbour, payload)
+
+    async def _collect(self, latest: dict[str, wire.UpdateMessage], round_index: int,
+                       expected_shapes: Mapping[str, tuple[int, ...]]) -> None:
+        """Take updates until every neighbour's round update is in, or the deadline passes."""
+        neighbours = set(self.spec.neighbours)
+        limits = wire.WireLimits(max_bytes=self.spec.max_message_bytes)
+        with trio.move_on_after(self.spec.round_timeout_s):
+            while any(latest.get(n) is None or latest[n].round < round_index for n in neighbours):
+                sender, payload = await self.endpoint.receive()
+                if sender not in neighbours:
+                    log.warning("%s: dropped an update from %s, which is not a neighbour", self.spec.name, sender)
+                    continue
+                try:
+                    message = wire.decode_update(payload, expected_shapes, limits)
+                except wire.WireError as error:
+                    log.error("%s: dropped a bad update from %s: %s", self.spec.name, sender, error)
+                    continue
+                if message.sender != sender:
+                    log.error("%s: dropped an update from %s claiming to be %s", self.spec.name, sender,
+                              message.sender)
+                    continue
+                if sender not in latest or message.round > latest[sender].round:
+                    latest[sender] = message
+
+    def _weights(self, adapter, received: Mapping[str, wire.UpdateMessage]) -> dict[str, float]:
+        spec, cfg = self.spec, self.spec.trust
+        names = sorted(received)
+        if spec.scheme == "fedavg":
+            if cfg.fedavg_weights == "metropolis_hastings":
+                return trust.metropolis_hastings_weights(spec.name, len(spec.neighbours),
+                                                         {n: received[n].degree for n in names})
+            return trust.uniform_weights(spec.name, names)
+        if spec.scheme == "oracle":
+            mixtures = spec.oracle_mixtures or {}
+            return trust.oracle_weights(spec.name, {n: mixtures[n] for n in [spec.name, *names]})
+        if not names:
+            return {spec.name: 1.0}
+        own = {name: p.detach() for name, p in adapter.items()}
+        candidates = {spec.name: own, **{n: received[n].tensors for n in names}}
+        if spec.scheme == "weights":
+            reference = self.initial_adapter if cfg.weights_compare == "update" else None
+            scores = trust.cosine_scores(own, {n: received[n].tensors for n in names}, spec.name, reference)
+            tau = cfg.temperature.weights
+        elif spec.scheme == "validation":
+            scores = evaluate.validation_scores(self.host, candidates, self.data.val)
+            tau = cfg.temperature.validation
+        elif spec.scheme == "predictions":
+            scores = evaluate.predictions_scores(self.host, spec.name, candidates, self.data.val,
+                                                 cfg.predictions_top_k, cfg.predictions_distance)
+            tau = cfg.temperature.predictions
+        else:
+            raise ValueError(f"unknown trust scheme {spec.scheme!r}")
+        return trust.softmax_weights(scores, spec.name, tau, cfg.top_k, cfg.threshold)
+
+    def _aggregate(self, adapter, received: Mapping[str, wire.UpdateMessage], weights: Mapping[str, float]) -> None:
+        states = {self.spec.name: {name: p.detach() for name, p in adapter.items()}}
+        states.update({n: received[n].tensors for n in received if weights.get(n, 0.0) > 0})
+        merged = aggregate.weighted_average(states, weights)
+        with torch.no_grad():
+            for name, parameter in adapter.items():
+                parameter.copy_(merged[name])  # in place: the AdamW state stays attached and local
+
+    def _test_ppl(self, adapter) -> float:
+        return evaluate.perplexity(self.host, adapter, self.data.test)
+
+    def _record(self, result: PeerResult, record: RoundRecord) -> None:
+        result.rounds.append(record)
+        if self.on_round is not None:
+            self.on_round(self.spec.name, record)

@@ -1,0 +1,111 @@
+"""How encoded updates travel between peers: one small interface, and its in-memory implementation.
+
+A peer only ever calls `send` and `receive` on its own endpoint; it never sees the network object.
+The in-memory network delivers within one process, with message drop, delay and churn as plain knobs.
+Fault decisions are hashed from (seed, sender, receiver, message number), never drawn in call order,
+so they do not depend on how trio happens to schedule the peers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import trio
+
+from p2pfed.seeding import uniform
+
+log = logging.getLogger(__name__)
+
+
+class Endpoint(Protocol):
+    """A peer's view of the network. `sender` names come from the transport, never from the payload."""
+
+    name: str
+    bytes_sent: int
+
+    async def send(self, to: str, payload: bytes) -> None: ...
+
+    async def receive(self) -> tuple[str, bytes]: ...
+
+    def online(self, round_index: int) -> bool: ...
+
+
+@dataclass(frozen=True)
+class Faults:
+    drop_prob: float = 0.0
+    delay_prob: float = 0.0
+    delay_s: float = 0.0
+    churn_prob: float = 0.0
+
+
+@dataclass
+class InMemoryEndpoint:
+    name: str
+    network: "InMemoryNetwork"
+    inbox_send: trio.MemorySendChannel
+    inbox_receive: trio.MemoryReceiveChannel
+    bytes_sent: int = 0
+    sent_count: dict[str, int] = field(default_factory=dict)
+
+    async def send(self, to: str, payload: bytes) -> None:
+        number = self.sent_count.get(to, 0)
+        self.sent_count[to] = number + 1
+        self.bytes_sent += len(payload)
+        await self.network.deliver(self.name, to, number, payload)
+
+    async def receive(self) -> tuple[str, bytes]:
+        return await self.inbox_receive.receive()
+
+    def online(self, round_index: int) -> bool:
+        return self.network.online(self.name, round_index)
+
+
+class InMemoryNetwork:
+    """Peers in one process. Use inside `async with network.running():` (delayed deliveries need a nursery)."""
+
+    def __init__(self, faults: Faults, seed: int):
+        self.faults = faults
+        self.seed = seed
+        self._endpoints: dict[str, InMemoryEndpoint] = {}
+        self._nursery: trio.Nursery | None = None
+
+    def endpoint(self, name: str) -> InMemoryEndpoint:
+        if name not in self._endpoints:
+            send, receive = trio.open_memory_channel(float("inf"))
+            self._endpoints[name] = InMemoryEndpoint(name=name, network=self, inbox_send=send, inbox_receive=receive)
+        return self._endpoints[name]
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator["InMemoryNetwork"]:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                yield self
+            finally:
+                nursery.cancel_scope.cancel()  # undelivered delayed messages are simply lost
+                self._nursery = None
+
+    def online(self, name: str, round_index: int) -> bool:
+        return self.faults.churn_prob == 0 or uniform(self.seed, "churn", name, round_index) >= self.faults.churn_prob
+
+    async def deliver(self, sender: str, to: str, number: int, payload: bytes) -> None:
+        target = self._endpoints.get(to)
+        if target is None:
+            log.warning("%s sent to unknown peer %s; dropped", sender, to)
+            return
+        if self.faults.drop_prob and uniform(self.seed, "drop", sender, to, number) < self.faults.drop_prob:
+            return
+        if self.faults.delay_prob and uniform(self.seed, "delay", sender, to, number) < self.faults.delay_prob:
+            if self._nursery is None:
+                raise RuntimeError("delayed delivery needs `async with network.running():`")
+            self._nursery.start_soon(self._deliver_later, target, sender, payload)
+            return
+        target.inbox_send.send_nowait((sender, payload))
+
+    async def _deliver_later(self, target: InMemoryEndpoint, sender: str, payload: bytes) -> None:
+        await trio.sleep(self.faults.delay_s)
+        target.inbox_send.send_nowait((sender, payload))
