@@ -42,9 +42,10 @@ def _run(args) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from p2pfed import report
-    from p2pfed.experiment import job_label, new_run_dir, run_experiment
+    from p2pfed.experiment import job_label, new_run_dir, quiet_transformers, run_experiment
 
     config = load_experiment(args.experiment, args.overrides)
+    quiet_transformers()
     console = Console()
     run_dir = new_run_dir(config, args.out)
     console.print(f"[bold]{config.name}[/]: {config.num_peers} peers, schemes {', '.join(config.schemes)}, "

@@ -6,7 +6,7 @@ import json
 import multiprocessing
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
@@ -14,12 +14,20 @@ from pathlib import Path
 import torch
 
 from p2pfed import report
-from p2pfed.config import ExperimentConfig, to_dict
+from p2pfed.config import ExperimentConfig
 from p2pfed.model import load_base_model
 from p2pfed.peer import RoundRecord
 from p2pfed.swarm import JobResult, Workspace, open_workspace, run_job
 
 ProgressCallback = Callable[[str, int], None]  # (job label, rounds advanced)
+
+
+def quiet_transformers() -> None:
+    """Hide transformers' per-load progress bars and notes; our own progress display says what runs."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def new_run_dir(config: ExperimentConfig, out: str | None = None) -> Path:
@@ -85,6 +93,7 @@ _worker_state: dict = {}  # one per worker process: its workspace and progress q
 
 
 def _worker_init(config: ExperimentConfig, queue) -> None:
+    quiet_transformers()
     torch.set_num_threads(1)  # two single-threaded workers beat one two-threaded process (compute-notes.md)
     _worker_state["config"] = config
     _worker_state["queue"] = queue
@@ -104,14 +113,12 @@ def _run_in_workers(config: ExperimentConfig, jobs, progress: ProgressCallback |
     with ProcessPoolExecutor(config.workers, mp_context=context, initializer=_worker_init,
                              initargs=(config, queue)) as pool:
         pending = {pool.submit(_worker_job, scheme, seed) for scheme, seed in jobs}
-        done = set()
-        while len(done) < len(pending):
-            for future in as_completed(pending - done, timeout=None):
-                _drain(queue, progress)
-                done.add(future)
-                yield future.result()
-                break
+        while pending:
+            # Wake up often enough to show per-round progress while the jobs run.
+            finished, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
             _drain(queue, progress)
+            for future in finished:
+                yield future.result()
 
 
 def _drain(queue, progress: ProgressCallback | None) -> None:
