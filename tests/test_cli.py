@@ -1,0 +1,44 @@
+"""`p2pfed run` and `p2pfed report` end to end on a tiny experiment."""
+
+import json
+
+from p2pfed.cli import main
+
+
+def test_run_writes_results_and_plots_then_report_redraws(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code = main([
+        "run", "examples/default.toml", "--out", str(run_dir),
+        "--set", "num_peers=4", "--set", 'schemes=["local", "validation"]', "--set", "seeds=[3]",
+        "--set", "workers=1", "--set", "training.rounds=2", "--set", "training.local_steps=2",
+        "--set", "data.train_blocks=8", "--set", "data.val_blocks=4", "--set", "data.test_blocks=4",
+    ])
+    assert code == 0
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["seeds"] == [3]
+    assert results["config"]["num_peers"] == 4
+    for scheme in ("local", "validation"):
+        row = results["schemes"][scheme]
+        assert row["test_ppl_mean"] > 1 and row["test_ppl_std"] >= 0
+        assert set(row["per_peer"]) == {"peer0", "peer1", "peer2", "peer3"}
+        assert isinstance(row["bytes_sent"], int)
+    assert results["schemes"]["local"]["bytes_sent"] == 0
+    assert results["schemes"]["validation"]["bytes_sent"] > 0
+    validation_trust = results["schemes"]["validation"]["trust"]
+    assert all(abs(sum(row.values()) - 1) < 1e-6 for row in validation_trust.values())
+    lines = (run_dir / "events.jsonl").read_text().splitlines()
+    assert len(lines) == 2 * 4 * 3  # schemes x peers x (round 0 + 2 rounds)
+    for name in ("curves.png", "trust_heatmap.png", "topology.png"):
+        (run_dir / name).unlink()
+    capsys.readouterr()
+    assert main(["report", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "validation" in out and "local" in out
+    assert all((run_dir / name).is_file() for name in ("curves.png", "trust_heatmap.png", "topology.png"))
+
+
+def test_config_errors_exit_2_with_the_key(tmp_path, capsys):
+    assert main(["run", "examples/default.toml", "--set", "training.rounds=-1"]) == 2
+    assert "training.rounds" in capsys.readouterr().err
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no results.json" in capsys.readouterr().err
