@@ -93,6 +93,7 @@ def tiny_config(config: ModelConfig, vocab_size: int):
 
 def tiny_model_key(config: ModelConfig, pretrain_text: str) -> str:
     fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("source", "gguf_file", "cache_dir")}
+    fields["recipe"] = 2  # bump when pretrain_tiny changes, so stale caches are not reused
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
     digest.update(hashlib.sha256(pretrain_text.encode()).digest())
     return digest.hexdigest()[:16]
@@ -166,6 +167,20 @@ def pretrain_tiny(config: ModelConfig, token_ids: Sequence[int], vocab_size: int
     with torch.random.fork_rng(devices=[]):  # HF initialises from the global RNG; keep ours untouched
         torch.manual_seed(config.pretrain_seed)
         model = GPT2LMHeadModel(tiny_config(config, vocab_size))
+    # One thread, whatever the caller uses: float sums depend on the thread count, and the cached
+    # base must be the same bytes whichever process happened to pretrain it.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _pretrain_loop(model, config, tokens)
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
+    return model
+
+
+def _pretrain_loop(model: nn.Module, config: ModelConfig, tokens: torch.Tensor) -> None:
+    span = config.context
     generator = torch.Generator().manual_seed(config.pretrain_seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.pretrain_lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.pretrain_lr,
@@ -180,8 +195,6 @@ def pretrain_tiny(config: ModelConfig, token_ids: Sequence[int], vocab_size: int
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
-    model.eval()
-    return model
 
 
 # ---------------------------------------------------------------------------

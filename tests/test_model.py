@@ -67,3 +67,20 @@ def test_pretrained_base_beats_uniform_guessing(workspace):
     data = make_peer_data(workspace.tokens, 4, small_config().data, seed=0)
     ppl = perplexity(workspace.host, workspace.host.initial_adapter(0), data[0].test)
     assert ppl < 0.25 * 256
+
+
+def test_pretraining_is_deterministic_and_leaves_global_state_alone():
+    from p2pfed.config import ModelConfig
+    from p2pfed.model import pretrain_tiny
+
+    config = ModelConfig(n_layer=1, n_embd=16, n_head=2, context=16, pretrain_steps=3, pretrain_batch_size=2)
+    tokens = list(range(256)) * 2
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    threads = torch.get_num_threads()
+    one = pretrain_tiny(config, tokens, 256).state_dict()
+    assert torch.equal(torch.rand(1), expected_next)  # the global RNG was not consumed
+    assert torch.get_num_threads() == threads
+    two = pretrain_tiny(config, tokens, 256).state_dict()
+    assert all(torch.equal(one[k], two[k]) for k in one)
