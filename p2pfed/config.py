@@ -87,7 +87,7 @@ class TemperatureConfig:
     # Each score lives on its own scale, so each scheme has its own temperature.
     weights: float = 0.1
     validation: float = 0.05
-    predictions: float = 0.02
+    predictions: float = 0.05
 
 
 @dataclass(frozen=True)
