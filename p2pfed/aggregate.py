@@ -47,7 +47,7 @@ def weighted_average(
     contributing = [(p, w) for p, w in weights.items() if w > 0]
     reference = states[contributing[0][0]]
     for peer, state in states.items():
-        _check_same_layout(reference, state, peer)
+        check_same_layout(reference, state, f"state of {peer!r}")
 
     device = next(iter(reference.values())).device if reference else None
     result: dict[str, Tensor] = {}
@@ -172,17 +172,16 @@ def _check_weights(weights: Mapping[str, float]) -> None:
         raise ValueError(f"weights must sum to 1, got {total!r}")
 
 
-def _check_same_layout(reference: Mapping[str, Tensor], state: Mapping[str, Tensor], peer: str) -> None:
+def check_same_layout(reference: Mapping[str, Tensor], state: Mapping[str, Tensor], what: str) -> None:
+    """Raise ValueError unless `state` has exactly `reference`'s tensor names and shapes."""
     if set(state) != set(reference):
         missing = sorted(set(reference) - set(state))
         extra = sorted(set(state) - set(reference))
-        raise ValueError(f"state of {peer!r} has different tensors (missing {missing}, extra {extra})")
+        raise ValueError(f"{what} has different tensors (missing {missing}, extra {extra})")
     for name, tensor in reference.items():
         if tuple(state[name].shape) != tuple(tensor.shape):
-            raise ValueError(
-                f"tensor {name!r} of {peer!r} has shape {tuple(state[name].shape)}, "
-                f"expected {tuple(tensor.shape)}"
-            )
+            raise ValueError(f"{what}: tensor {name!r} has shape {tuple(state[name].shape)}, "
+                             f"expected {tuple(tensor.shape)}")
 
 
 def _prepare(

@@ -19,7 +19,7 @@ from p2pfed.model import AdapterHost, BaseModel, attach_lora, load_base_model
 from p2pfed.peer import Peer, PeerResult, PeerSpec, RoundRecord
 from p2pfed.seeding import derive_seed
 from p2pfed.topology import build_graph, neighbours, peer_name
-from p2pfed.transport import Faults, InMemoryNetwork
+from p2pfed.transport import InMemoryNetwork
 
 RoundCallback = Callable[[str, RoundRecord], None]
 
@@ -75,8 +75,7 @@ def run_job(config: ExperimentConfig, workspace: Workspace, scheme: Scheme, seed
     specs = peer_specs(config, graph, data, scheme, seed)
     # Every peer starts from the same seeded adapter; the seed does not depend on the scheme.
     initial = workspace.host.initial_adapter(derive_seed(seed, "shared-init"))
-    n = config.network
-    network = InMemoryNetwork(Faults(n.drop_prob, n.delay_prob, n.delay_s, n.churn_prob), derive_seed(seed, "net"))
+    network = InMemoryNetwork(config.network, derive_seed(seed, "net"))
     peers = [Peer(spec, workspace.host, d, network.endpoint(spec.name), initial, on_round)
              for spec, d in zip(specs, data)]
     results: dict[str, PeerResult] = {}

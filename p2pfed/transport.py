@@ -16,6 +16,7 @@ from typing import Protocol
 
 import trio
 
+from p2pfed.config import NetworkConfig
 from p2pfed.seeding import uniform
 
 log = logging.getLogger(__name__)
@@ -32,14 +33,6 @@ class Endpoint(Protocol):
     async def receive(self) -> tuple[str, bytes]: ...
 
     def online(self, round_index: int) -> bool: ...
-
-
-@dataclass(frozen=True)
-class Faults:
-    drop_prob: float = 0.0
-    delay_prob: float = 0.0
-    delay_s: float = 0.0
-    churn_prob: float = 0.0
 
 
 @dataclass
@@ -67,7 +60,7 @@ class InMemoryEndpoint:
 class InMemoryNetwork:
     """Peers in one process. Use inside `async with network.running():` (delayed deliveries need a nursery)."""
 
-    def __init__(self, faults: Faults, seed: int):
+    def __init__(self, faults: NetworkConfig, seed: int):
         self.faults = faults
         self.seed = seed
         self._endpoints: dict[str, InMemoryEndpoint] = {}

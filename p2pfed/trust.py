@@ -14,6 +14,8 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor
 
+from p2pfed.aggregate import check_same_layout
+
 __all__ = [
     "softmax_weights",
     "local_weights",
@@ -126,14 +128,14 @@ def cosine_scores(
         raise ValueError(f"others must not include the peer itself ({self_name!r})")
     names = sorted(own)
     if reference is not None:
-        _check_same_tensors(own, reference, "reference")
+        check_same_layout(own, reference, "reference")
     # float64 so that near-parallel large vectors do not round past 1.
     mine = {n: _delta(own[n], reference, n, own[n].device) for n in names}
     own_sq = float(sum((t * t).sum() for t in mine.values()))
 
     scores = {self_name: 1.0}
     for peer, state in others.items():
-        _check_same_tensors(own, state, f"adapter of {peer!r}")
+        check_same_layout(own, state, f"adapter of {peer!r}")
         theirs = {n: _delta(state[n], reference, n, mine[n].device) for n in names}
         dot = float(sum((mine[n] * theirs[n]).sum() for n in names))
         other_sq = float(sum((t * t).sum() for t in theirs.values()))
@@ -233,19 +235,6 @@ def _dominant_group(peer: str, mixture: Mapping[str, float]) -> str:
     if not mixture:
         raise ValueError(f"mixture of {peer!r} is empty")
     return min(mixture.items(), key=lambda item: (-item[1], item[0]))[0]
-
-
-def _check_same_tensors(own: Mapping[str, Tensor], other: Mapping[str, Tensor], what: str) -> None:
-    if set(own) != set(other):
-        missing = sorted(set(own) - set(other))
-        extra = sorted(set(other) - set(own))
-        raise ValueError(f"{what} has different tensors (missing {missing}, extra {extra})")
-    for name, tensor in own.items():
-        if tuple(other[name].shape) != tuple(tensor.shape):
-            raise ValueError(
-                f"{what}: tensor {name!r} has shape {tuple(other[name].shape)}, "
-                f"expected {tuple(tensor.shape)}"
-            )
 
 
 def _delta(

@@ -12,7 +12,8 @@ from p2pfed.data import make_peer_data
 from p2pfed.peer import Peer, PeerSpec
 from p2pfed.report import same_group_trust, summarize
 from p2pfed.swarm import run_job
-from p2pfed.transport import Faults, InMemoryNetwork
+from p2pfed.config import NetworkConfig
+from p2pfed.transport import InMemoryNetwork
 from tests.conftest import small_config
 
 
@@ -77,7 +78,7 @@ def test_bad_messages_are_logged_and_dropped(workspace, caplog):
     host = workspace.host
     data = make_peer_data(workspace.tokens, 4, config.data, seed=0)[0]
     initial = host.initial_adapter(0)
-    network = InMemoryNetwork(Faults(), seed=0)
+    network = InMemoryNetwork(NetworkConfig(), seed=0)
     spec = PeerSpec(name="peer0", neighbours=("peer1",), scheme="fedavg", seed=0, training=config.training,
                     trust=config.trust)
     peer = Peer(spec, host, data, network.endpoint("peer0"), initial)

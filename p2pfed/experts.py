@@ -1,0 +1,474 @@
+"""CoMiGS expert layers: a frozen linear with generalist and specialist LoRA experts and a router.
+
+algorithms.md section 2. Each adapted layer computes
+
+    y = W x + sum_e p_e * s * B_e A_e x,     p = top-k(softmax(router(rms_norm(x))))
+
+Generalists are shared with neighbours; specialists and the router never leave the peer. That
+split is declared once, in TENSOR_KINDS; everything else asks `is_shared` / `is_router`.
+
+As with plain LoRA (model.py), one frozen base model serves every peer of a process: each expert
+tensor is a plain entry of a layer's `_parameters`, and an ExpertSlot names it, so a host points
+it at a peer's own tensor for the duration of a pass. The layer reads the number of experts and
+the rank from the tensors it finds there at forward time, so the layer itself does not fix them.
+
+Bi-level training (experts on the training split, the router alone on the validation split) is
+at the end: BilevelOptimizers and BilevelTrainer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Literal, TypeVar
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from p2pfed.aggregate import lora_scale
+from p2pfed.config import ConfigError
+
+__all__ = [
+    "TensorKind", "TENSOR_KINDS", "EXPERT_TENSORS", "MLP_TARGETS", "kind_of", "is_shared", "is_router",
+    "ExpertConfig", "Routing", "MixtureOfLoraExperts", "mean_load_balancing_loss",
+    "ExpertSlot", "layer_slots", "attach_experts", "init_tensor", "initial_expert_state", "copy_state",
+    "using_state", "shared_state", "local_state", "save_state", "load_state",
+    "BilevelOptimizers", "bilevel_optimizers", "BilevelStats", "BilevelTrainer",
+]
+
+State = dict[str, Tensor]
+Batch = TypeVar("Batch")
+
+
+# ---------------------------------------------------------------------------
+# Names: the one declaration of what is shared and which phase trains what.
+
+@dataclass(frozen=True)
+class TensorKind:
+    shared: bool  # gossiped to neighbours and aggregated; otherwise it never leaves the peer
+    phase: Literal["experts", "router"]  # the bi-level phase (and optimizer) that trains it
+
+
+TENSOR_KINDS: Mapping[str, TensorKind] = MappingProxyType({
+    "generalist_A": TensorKind(shared=True, phase="experts"),
+    "generalist_B": TensorKind(shared=True, phase="experts"),
+    "specialist_A": TensorKind(shared=False, phase="experts"),
+    "specialist_B": TensorKind(shared=False, phase="experts"),
+    "router": TensorKind(shared=False, phase="router"),
+    # CoMiGS puts a plain LoRA on attention (peft's names): it is a generalist.
+    "lora_A": TensorKind(shared=True, phase="experts"),
+    "lora_B": TensorKind(shared=True, phase="experts"),
+})
+
+# The tensors of one MixtureOfLoraExperts, in slot order.
+EXPERT_TENSORS = ("generalist_A", "generalist_B", "specialist_A", "specialist_B", "router")
+
+# The MLP linears the paper puts experts on, per model family (dotted suffixes of module paths:
+# "c_proj" alone would also catch GPT-2's attention output projection).
+MLP_TARGETS: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "gpt2": ("mlp.c_fc", "mlp.c_proj"),
+    "llama": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+    "mistral": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+    "qwen2": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+})
+
+
+def kind_of(name: str) -> TensorKind:
+    """The kind of an adapter tensor, from the last component of its name.
+
+    An unknown name is an error, not a default: guessing "local" would silently stop sharing a
+    tensor, guessing "shared" would leak a private one.
+    """
+    suffix = name.rpartition(".")[2]
+    try:
+        return TENSOR_KINDS[suffix]
+    except KeyError:
+        raise ValueError(f"{name!r} is not an adapter tensor name (its last component must be one of "
+                         f"{', '.join(TENSOR_KINDS)})") from None
+
+
+def is_shared(name: str) -> bool:
+    return kind_of(name).shared
+
+
+def is_router(name: str) -> bool:
+    return kind_of(name).phase == "router"
+
+
+# ---------------------------------------------------------------------------
+# The layer.
+
+@dataclass(frozen=True)
+class ExpertConfig:
+    n_generalists: int = 1
+    n_specialists: int = 1
+    rank: int = 8
+    alpha: float = 16.0
+    top_k: int = 2  # clipped to the number of experts a layer holds
+    rslora: bool = False  # scale alpha / sqrt(rank) instead of alpha / rank
+
+    def __post_init__(self) -> None:
+        if self.n_generalists < 0 or self.n_specialists < 0 or self.n_experts < 1:
+            raise ConfigError(f"experts: need at least one expert and no negative counts, got "
+                              f"{self.n_generalists} generalists and {self.n_specialists} specialists")
+        if self.rank < 1:
+            raise ConfigError(f"experts.rank must be at least 1, got {self.rank}")
+        if self.top_k < 1:
+            raise ConfigError(f"experts.top_k must be at least 1, got {self.top_k}")
+
+    @property
+    def n_experts(self) -> int:
+        return self.n_generalists + self.n_specialists
+
+
+@dataclass(frozen=True)
+class Routing:
+    """What the router did in a layer's last forward pass."""
+
+    probs: Tensor  # (tokens, E): the router's full softmax, before the top-k cut; carries its graph
+    mask: Tensor | None  # (tokens, E): 1 where the expert is among the token's top k; None when k = E
+    top_k: int
+
+
+def base_dims(base: nn.Module) -> tuple[int, int]:
+    """(in, out) of a frozen nn.Linear (weight out x in) or a GPT-2 Conv1D (weight in x out)."""
+    if isinstance(base, nn.Linear):
+        return base.in_features, base.out_features
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(base, Conv1D):
+        return base.weight.shape[0], base.weight.shape[1]
+    raise TypeError(f"experts wrap nn.Linear or transformers' Conv1D, not {type(base).__name__}")
+
+
+class MixtureOfLoraExperts(nn.Module):
+    """A frozen base layer plus E = G + S LoRA experts mixed per token by a learned router.
+
+    Parameters (separate tensors, so that the shared/local split is by name):
+    generalist_A (G, r, in), generalist_B (G, out, r), specialist_A (S, r, in),
+    specialist_B (S, out, r), router (E, in); generalists come first in the expert order.
+    G or S may be 0. The router has no bias: a bias would only be a token-independent prior,
+    which the load-balancing loss is there to keep flat anyway.
+
+    The constructor only allocates zero placeholders (a host points them at a peer's tensors);
+    `reset_parameters(generator)` gives a layer used on its own its seeded init.
+
+    With k = 1 the kept probability is renormalised to exactly 1, so the task loss gives the
+    router no gradient: top-1 routing learns only from the load-balancing loss.
+    """
+
+    def __init__(self, base: nn.Module, config: ExpertConfig):
+        super().__init__()
+        self.in_features, self.out_features = base_dims(base)
+        self.base = base
+        self.alpha = config.alpha
+        self.rslora = config.rslora
+        self.top_k = config.top_k
+        like = {"dtype": base.weight.dtype, "device": base.weight.device}
+        g, s, r = config.n_generalists, config.n_specialists, config.rank
+        self.generalist_A = nn.Parameter(torch.zeros(g, r, self.in_features, **like))
+        self.generalist_B = nn.Parameter(torch.zeros(g, self.out_features, r, **like))
+        self.specialist_A = nn.Parameter(torch.zeros(s, r, self.in_features, **like))
+        self.specialist_B = nn.Parameter(torch.zeros(s, self.out_features, r, **like))
+        self.router = nn.Parameter(torch.zeros(g + s, self.in_features, **like))
+        self.last_routing: Routing | None = None
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, generalists={self.generalist_A.shape[0]}, "
+                f"specialists={self.specialist_A.shape[0]}, rank={self.generalist_A.shape[1]}, "
+                f"top_k={self.top_k}, alpha={self.alpha}, rslora={self.rslora}")
+
+    def reset_parameters(self, generator: torch.Generator) -> None:
+        slots = layer_slots("", self)
+        copy_state(slots, initial_expert_state(slots, generator))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base(x)
+        A = _stack(self.generalist_A, self.specialist_A)  # (E, r, in)
+        B = _stack(self.generalist_B, self.specialist_B)  # (E, out, r)
+        router = self.router
+        n_experts, rank = A.shape[0], A.shape[1]
+        if B.shape[0] != n_experts or router.shape[0] != n_experts or B.shape[2] != rank:
+            raise ValueError(f"expert tensors disagree: A {tuple(A.shape)}, B {tuple(B.shape)}, "
+                             f"router {tuple(router.shape)}")
+        flat = x.reshape(-1, self.in_features)
+        # The router sees the layer's input RMS-normalised, without a learned scale (as the paper's
+        # router sees the block's normalised input): the scale of a layer's input differs from layer
+        # to layer and drifts as adapters train, and the logits should not follow it.
+        probs = torch.softmax(F.linear(F.rms_norm(flat, (self.in_features,)), router), dim=-1)
+        k = min(self.top_k, n_experts)
+        gates, mask = probs, None
+        if k < n_experts:
+            kept, index = probs.topk(k, dim=-1)
+            mask = torch.zeros_like(probs).scatter_(-1, index, 1.0)
+            gates = torch.zeros_like(probs).scatter(-1, index, kept / kept.sum(-1, keepdim=True))
+        self.last_routing = Routing(probs=probs, mask=mask, top_k=k)
+        # All experts at once, as one LoRA of rank E*r whose r-blocks each token scales by its gate:
+        # computing every expert densely beats dispatching tokens to experts here (compute-notes.md).
+        scale = lora_scale(self.alpha, rank, self.rslora)
+        hidden = flat @ A.reshape(n_experts * rank, self.in_features).t()
+        hidden = hidden.view(-1, n_experts, rank) * (gates * scale).unsqueeze(-1)
+        delta = hidden.view(-1, n_experts * rank) @ B.transpose(1, 2).reshape(n_experts * rank, self.out_features)
+        return out + delta.view(*x.shape[:-1], self.out_features)
+
+    def load_balancing_loss(self) -> Tensor | None:
+        """The Switch-style auxiliary loss of the last forward pass: E * sum_e f_e * P_e.
+
+        f_e is the share of the (token, kept expert) assignments that went to expert e (the top-k
+        mask averaged over tokens, divided by k, so that f sums to 1), P_e the router's mean
+        probability for e. Perfectly balanced routing gives its minimum, 1. Only P carries a
+        gradient, and it reaches only the routers (and, through the layer input, earlier layers).
+
+        Returns None when k = E: every token keeps every expert, f_e = 1/E and the loss is the
+        constant 1, so it carries no signal and must not be counted as a feature (algorithms.md,
+        section 2).
+        """
+        if self.last_routing is None:
+            raise RuntimeError("load_balancing_loss needs a forward pass first")
+        routing = self.last_routing
+        if routing.mask is None:
+            return None
+        n_experts = routing.probs.shape[-1]
+        assigned = routing.mask.mean(0) / routing.top_k
+        return n_experts * (assigned * routing.probs.mean(0)).sum()
+
+
+def _stack(generalists: Tensor, specialists: Tensor) -> Tensor:
+    # Skip the copy when one side is empty (comigs-2g / comigs-2s layouts).
+    if specialists.shape[0] == 0:
+        return generalists
+    if generalists.shape[0] == 0:
+        return specialists
+    return torch.cat([generalists, specialists])
+
+
+def mean_load_balancing_loss(model: nn.Module) -> Tensor | None:
+    """The load-balancing loss averaged over the expert layers where it means something (k < E), or None."""
+    losses = [loss for module in model.modules() if isinstance(module, MixtureOfLoraExperts)
+              if (loss := module.load_balancing_loss()) is not None]
+    return torch.stack(losses).mean() if losses else None
+
+
+# ---------------------------------------------------------------------------
+# Slots: attaching layers to a model and pointing them at a peer's tensors.
+
+@dataclass(frozen=True)
+class ExpertSlot:
+    name: str  # the tensor's name on the wire, e.g. "transformer.h.0.mlp.c_fc.generalist_A"
+    module: nn.Module  # the MixtureOfLoraExperts that holds it
+    attr: str  # its key in module._parameters: point it with module._parameters[attr] = tensor
+    shape: tuple[int, ...]
+
+
+def layer_slots(path: str, layer: MixtureOfLoraExperts) -> list[ExpertSlot]:
+    """The slots of one layer at module path `path`; empty parts (G = 0 or S = 0) get none."""
+    prefix = f"{path}." if path else ""
+    return [ExpertSlot(name=prefix + attr, module=layer, attr=attr, shape=tuple(layer._parameters[attr].shape))
+            for attr in EXPERT_TENSORS if layer._parameters[attr].numel() > 0]
+
+
+def _matches(path: str, targets: Sequence[str]) -> bool:
+    return any(path == target or path.endswith("." + target) for target in targets)
+
+
+def attach_experts(model: nn.Module, target_modules: Sequence[str], config: ExpertConfig,
+                   generator: torch.Generator | None = None) -> list[ExpertSlot]:
+    """Replace, in place, every submodule whose path ends with a target by an expert layer around it.
+
+    Targets are dotted suffixes of module paths ("mlp.c_fc" matches "transformer.h.0.mlp.c_fc").
+    The model's own parameters are left as they are (load_base_model freezes them). With a
+    generator the layers get the seeded init of `initial_expert_state`; without, zero placeholders
+    for a host to point at peers' tensors. Returns a slot for every trainable tensor.
+    """
+    matches = [(path, module) for path, module in model.named_modules() if path and _matches(path, target_modules)]
+    if not matches:
+        raise ConfigError(f"experts.target_modules: no module of the model matches {list(target_modules)}")
+    slots: list[ExpertSlot] = []
+    for path, base in matches:
+        if isinstance(base, MixtureOfLoraExperts):
+            raise ConfigError(f"{path} already holds experts")
+        try:
+            layer = MixtureOfLoraExperts(base, config)
+        except TypeError as error:
+            raise ConfigError(f"experts.target_modules: {path}: {error}") from error
+        parent, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
+        slots.extend(layer_slots(path, layer))
+    if generator is not None:
+        copy_state(slots, initial_expert_state(slots, generator))
+    return slots
+
+
+# Router logits start with a standard deviation of about this, whatever the input width (its
+# input is RMS-normalised): routing starts near uniform, with the symmetry between experts broken.
+ROUTER_INIT_LOGIT_STD = 0.1
+
+
+def init_tensor(attr: str, shape: Sequence[int], generator: torch.Generator) -> Tensor:
+    """The init of one tensor: A like peft's kaiming-uniform(a=sqrt(5)), B zero, the router small."""
+    fan_in = shape[-1]
+    if attr.endswith("_A"):
+        return (torch.rand(tuple(shape), generator=generator) * 2 - 1) / math.sqrt(fan_in)
+    if attr == "router":
+        return torch.randn(tuple(shape), generator=generator) * (ROUTER_INIT_LOGIT_STD / math.sqrt(fan_in))
+    return torch.zeros(tuple(shape))
+
+
+def initial_expert_state(slots: Sequence[ExpertSlot], generator: torch.Generator) -> State:
+    """The seeded init of every slot.
+
+    Shared tensors are drawn first, so that peers starting from the same seed hold the same
+    generalists even when they hold different numbers of specialists.
+    """
+    ordered = [s for s in slots if is_shared(s.name)] + [s for s in slots if not is_shared(s.name)]
+    state = {slot.name: init_tensor(slot.attr, slot.shape, generator) for slot in ordered}
+    return {slot.name: state[slot.name] for slot in slots}
+
+
+def copy_state(slots: Sequence[ExpertSlot], state: Mapping[str, Tensor]) -> None:
+    """Copy `state` into the layers' own parameters (for a model used without a host)."""
+    with torch.no_grad():
+        for slot in slots:
+            slot.module._parameters[slot.attr].copy_(state[slot.name])
+
+
+@contextlib.contextmanager
+def using_state(slots: Sequence[ExpertSlot], state: Mapping[str, Tensor]) -> Iterator[None]:
+    """Point every slot at `state`'s tensors (no copy) for the duration of the block."""
+    saved = [slot.module._parameters[slot.attr] for slot in slots]
+    try:
+        for slot in slots:
+            slot.module._parameters[slot.attr] = state[slot.name]
+        yield
+    finally:
+        for slot, tensor in zip(slots, saved):
+            slot.module._parameters[slot.attr] = tensor
+
+
+def shared_state(state: Mapping[str, Tensor]) -> State:
+    """What a peer sends to its neighbours."""
+    return {name: tensor for name, tensor in state.items() if is_shared(name)}
+
+
+def local_state(state: Mapping[str, Tensor]) -> State:
+    """What never leaves the peer."""
+    return {name: tensor for name, tensor in state.items() if not is_shared(name)}
+
+
+def save_state(path: str | Path, state: Mapping[str, Tensor]) -> None:
+    # safetensors, never pickle: a saved state may be read back by another process or machine.
+    from safetensors.torch import save_file
+
+    save_file({name: tensor.detach().cpu().contiguous() for name, tensor in state.items()}, str(path))
+
+
+def load_state(path: str | Path) -> State:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+# ---------------------------------------------------------------------------
+# Bi-level training: experts on the training split, the router alone on the validation split.
+
+@dataclass
+class BilevelOptimizers:
+    experts: torch.optim.Optimizer  # every A/B tensor, stepped on training batches
+    router: torch.optim.Optimizer  # every router, stepped on validation batches
+    expert_params: list[Tensor]
+    router_params: list[Tensor]
+
+
+def bilevel_optimizers(params: Mapping[str, Tensor], expert_lr: float, router_lr: float,
+                       weight_decay: float = 0.0) -> BilevelOptimizers:
+    """Two AdamW optimizers over disjoint halves of a peer's tensors, split by `is_router`."""
+    expert_params = [t for name, t in params.items() if not is_router(name)]
+    router_params = [t for name, t in params.items() if is_router(name)]
+    if not expert_params or not router_params:
+        raise ValueError("bi-level training needs both expert and router tensors")
+    return BilevelOptimizers(
+        experts=torch.optim.AdamW(expert_params, lr=expert_lr, weight_decay=weight_decay),
+        router=torch.optim.AdamW(router_params, lr=router_lr, weight_decay=weight_decay),
+        expert_params=expert_params, router_params=router_params,
+    )
+
+
+@dataclass(frozen=True)
+class BilevelStats:
+    expert_loss: float  # mean over this round's expert steps
+    router_loss: float | None  # mean over its router steps; None when the router did not train
+    expert_steps: int
+    router_steps: int
+
+
+@dataclass
+class BilevelTrainer:
+    """Every `router_every` expert steps, the router alone takes `router_steps` steps.
+
+    No leak between the phases: the other phase's tensors have requires_grad off, so no gradient
+    for them is even computed, and every phase switch drops all gradients (set to None, not zero:
+    AdamW would still move a tensor with a zero gradient by its momentum).
+    """
+
+    optimizers: BilevelOptimizers
+    router_every: int
+    router_steps: int
+    # Counts across rounds: the router's schedule follows expert steps, not rounds.
+    expert_steps_done: int = 0
+
+    def __post_init__(self) -> None:
+        if self.router_every < 1 or self.router_steps < 0:
+            raise ConfigError(f"router_every must be at least 1 and router_steps at least 0, got "
+                              f"{self.router_every} and {self.router_steps}")
+
+    def train_round(self, steps: int, expert_loss: Callable[[Batch], Tensor], train_batches: Iterator[Batch],
+                    val_batches: Iterator[Batch], router_loss: Callable[[Batch], Tensor] | None = None
+                    ) -> BilevelStats:
+        """`steps` expert steps on training batches with the router phases they call for.
+
+        The loss callables run the model (pointed at the peer's tensors by the caller);
+        `router_loss` defaults to `expert_loss`. Afterwards every tensor trains again and no
+        gradient is left over.
+        """
+        router_loss = router_loss or expert_loss
+        opt = self.optimizers
+        expert_total, router_losses = 0.0, []
+        try:
+            self._enter(opt.expert_params, opt.router_params)
+            for _ in range(steps):
+                expert_total += _step(opt.experts, expert_loss, next(train_batches))
+                self.expert_steps_done += 1
+                if self.router_steps and self.expert_steps_done % self.router_every == 0:
+                    self._enter(opt.router_params, opt.expert_params)
+                    router_losses += [_step(opt.router, router_loss, next(val_batches))
+                                      for _ in range(self.router_steps)]
+                    self._enter(opt.expert_params, opt.router_params)
+        finally:
+            self._enter([*opt.expert_params, *opt.router_params], [])
+        return BilevelStats(
+            expert_loss=expert_total / steps if steps else math.nan,
+            router_loss=sum(router_losses) / len(router_losses) if router_losses else None,
+            expert_steps=steps, router_steps=len(router_losses),
+        )
+
+    @staticmethod
+    def _enter(trained: Iterable[Tensor], frozen: Iterable[Tensor]) -> None:
+        for tensor in frozen:
+            tensor.grad = None
+            tensor.requires_grad_(False)
+        for tensor in trained:
+            tensor.grad = None
+            tensor.requires_grad_(True)
+
+
+def _step(optimizer: torch.optim.Optimizer, loss_fn: Callable[[Batch], Tensor], batch: Batch) -> float:
+    loss = loss_fn(batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
