@@ -55,16 +55,21 @@ def _log_probs(host: AdapterHost, adapter: Mapping[str, torch.Tensor], blocks: t
 
 
 def predictions_scores(host: AdapterHost, self_name: str, candidates: Mapping[str, Mapping[str, torch.Tensor]],
-                       blocks: torch.Tensor, top_k: int, kind: str) -> dict[str, float]:
-    """S_ij = - distance between j's and i's next-token distributions on i's validation inputs."""
-    own = _log_probs(host, candidates[self_name], blocks)
-    own_top, own_index = own.topk(min(top_k, own.shape[-1]), dim=-1)
-    del own
-    scores = {}
-    for name, adapter in candidates.items():
-        if name == self_name:
-            scores[name] = 0.0
-            continue
-        other = _log_probs(host, adapter, blocks)
-        scores[name] = -float(predictions_distance(own_top, own_index, other, kind))
-    return scores
+                       blocks: torch.Tensor, top_k: int, kind: str, batch_size: int = 32) -> dict[str, float]:
+    """S_ij = - distance between j's and i's next-token distributions on i's validation inputs.
+
+    Chunked over blocks: full-vocabulary log-probs exist for one chunk at a time (a 50k vocabulary would
+    otherwise need hundreds of MB per neighbour). The distance is a mean over positions, so the chunks'
+    distances are averaged weighted by their number of positions.
+    """
+    totals = {name: 0.0 for name in candidates if name != self_name}
+    positions = 0
+    for chunk in _chunks(blocks, batch_size):
+        own = _log_probs(host, candidates[self_name], chunk)
+        own_top, own_index = own.topk(min(top_k, own.shape[-1]), dim=-1)
+        del own
+        for name in totals:
+            distance = predictions_distance(own_top, own_index, _log_probs(host, candidates[name], chunk), kind)
+            totals[name] += float(distance) * own_top.shape[0]
+        positions += own_top.shape[0]
+    return {self_name: 0.0, **{name: -total / positions for name, total in totals.items()}}

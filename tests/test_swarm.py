@@ -135,3 +135,18 @@ def test_trust_finds_the_own_group_and_beats_fedavg(workspace):
             assert own > other, (scheme, peer, row)
         assert same_group_trust(summary, scheme) > 0.8
         assert summary["schemes"][scheme]["test_ppl_mean"] < summary["schemes"]["fedavg"]["test_ppl_mean"]
+
+
+def test_predictions_scores_do_not_depend_on_the_chunk_size(workspace):
+    from p2pfed.evaluate import predictions_scores
+
+    config = small_config()
+    data = make_peer_data(workspace.tokens, 4, config.data, seed=0)[0]
+    host = workspace.host
+    own = host.initial_adapter(0)
+    other = {n: (t + 0.02 * torch.randn(t.shape, generator=torch.Generator().manual_seed(1))) for n, t in own.items()}
+    candidates = {"peer0": own, "peer1": other}
+    whole = predictions_scores(host, "peer0", candidates, data.val, top_k=8, kind="kl", batch_size=64)
+    chunked = predictions_scores(host, "peer0", candidates, data.val, top_k=8, kind="kl", batch_size=3)
+    assert whole["peer0"] == 0.0 and whole["peer1"] < 0
+    assert chunked["peer1"] == pytest.approx(whole["peer1"], rel=1e-5)
