@@ -1,0 +1,81 @@
+"""Run every benchmark in this folder and print a summary of the ratios they measure (`make bench`).
+
+A missed target is reported, not raised: on a shared machine one slow run is not a regression.
+The exit status is non-zero only when a benchmark fails to run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks import `common` as a sibling
+
+from common import setup  # noqa: E402
+
+# (module, how to call its main, [(label, key in its result, target test or None, target text)])
+Check = tuple[str, str, Callable[[float], bool] | None, str]
+BENCHMARKS: list[tuple[str, Callable, list[Check]]] = [
+    ("swarm_overhead", lambda m: m.main(), [
+        ("swarm / plain peft, peer-steps/s", "ratio_swarm_over_plain", lambda r: r >= 0.9, ">= 0.9"),
+    ]),
+    ("memory", lambda m: m.main(), [
+        ("RSS per peer / theory", "ratio_marginal_over_theory", None, "(info)"),
+        ("live per peer / theory", "ratio_live_over_theory", None, "(info)"),
+        ("total RSS, 64 peers, MB", "total_mb_64", lambda mb: mb < 2048, "< 2048"),
+    ]),
+    ("trust_cost", lambda m: m.main(), [
+        ("validation trust / training round", "validation_over_train", None, "(info)"),
+        ("predictions trust / training round", "predictions_over_train", None, "(info)"),
+        ("validation in chunks of 8 / whole set", "chunks8_over_whole", None, "(info)"),
+        ("looped / vmapped validation", "looped_over_vmap", None, "(info, > 1: vmap faster)"),
+    ]),
+    # Written separately; run with one thread like the rest.
+    ("flexlora_projection", lambda m: m.main(threads=1), [
+        ("dense SVD / QR + small SVD", "speedup_dense_over_qr", None, "(info)"),
+    ]),
+]
+
+
+def run(name: str, call: Callable) -> dict | None:
+    if not (Path(__file__).resolve().parent / f"{name}.py").is_file():
+        print(f"({name}.py is not here; skipped)")
+        return None
+    print(f"\n== {name}")
+    start = time.perf_counter()
+    try:
+        result = call(importlib.import_module(name))
+    except (Exception, SystemExit):  # SystemExit: a benchmark that refuses its own numbers
+        traceback.print_exc()
+        return {"failed": True}
+    print(f"({time.perf_counter() - start:.0f} s)")
+    return result
+
+
+def main() -> int:
+    setup()
+    results = {name: run(name, call) for name, call, _ in BENCHMARKS}
+    print("\n== summary")
+    failed = False
+    for name, _, checks in BENCHMARKS:
+        result = results[name]
+        if result is None:
+            continue
+        if result.get("failed"):
+            failed = True
+            print(f"  {name}: FAILED (see above)")
+            continue
+        for label, key, test, target in checks:
+            value = result.get(key)
+            verdict = "" if test is None or value is None else ("ok" if test(value) else "MISSED")
+            shown = "n/a" if value is None else f"{value:8.2f}"
+            print(f"  {label:42s} {shown:>8}  {target:24s} {verdict}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

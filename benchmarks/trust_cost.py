@@ -1,0 +1,141 @@
+"""The cost of one round's trust scoring against that round's local training.
+
+One peer of the default experiment, 7 neighbours (a complete graph of 8): the candidates are its own
+adapter and 7 neighbour adapters, each trained a few steps on that neighbour's data (realistic values,
+plain tensors as the wire delivers them). Timed side by side, interleaved:
+
+- train: one round of local training, `training.local_steps` steps at the default batch size, through
+  the Peer's own training step;
+- validation: `evaluate.validation_scores` on the peer's validation blocks (data.val_blocks);
+- predictions: `evaluate.predictions_scores` with the default top-k and distance;
+- whole / chunks8: validation scoring with each candidate's blocks in one batch, or in batches of 8;
+- vmap: all candidates in one call, `torch.func.functional_call` vmapped over stacked adapters.
+
+    .venv/bin/python benchmarks/trust_cost.py
+
+Reported: validation / train and predictions / train (how much a trust round adds to a training
+round), chunks8 / whole, and looped / vmap (above 1: vmap is faster), with vmap's largest loss
+difference to the looped scores.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from common import default_config, interleaved, median, quiet, setup
+from p2pfed import evaluate
+from p2pfed.data import batches
+from p2pfed.model import Adapter, AdapterHost, lm_loss, trainable_copy
+from p2pfed.peer import Peer
+from p2pfed.seeding import derive_seed, generator
+from p2pfed.swarm import job_setup, open_workspace, peer_specs
+
+SEED = 0
+NEIGHBOUR_STEPS = 3  # enough to move the neighbours' adapters away from the shared init
+REPEATS = 9
+
+
+def trained_neighbour(host: AdapterHost, initial: Adapter, train: torch.Tensor, batch_size: int, lr: float,
+                      name: str) -> Adapter:
+    adapter = trainable_copy(initial)
+    optimizer = torch.optim.AdamW(adapter.values(), lr=lr)
+    stream = batches(train, batch_size, generator(SEED, "batches", name))
+    with host.using(adapter) as model:
+        for _ in range(NEIGHBOUR_STEPS):
+            loss = lm_loss(model, next(stream))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return {key: p.detach().clone() for key, p in adapter.items()}
+
+
+class StackedScorer:
+    """Mean validation loss of many adapters in one vmapped forward over their stacked tensors."""
+
+    def __init__(self, host: AdapterHost):
+        self.host = host
+        # functional_call names parameters by module path; the slots know the modules, not the paths.
+        paths = {id(module): path for path, module in host.model.named_modules()}
+        self.keys = {slot.name: paths[id(slot.module)] + ".weight" for slot in host.slots}
+
+    def _loss(self, params: Mapping[str, torch.Tensor], blocks: torch.Tensor) -> torch.Tensor:
+        logits = functional_call(self.host.model, dict(params), (), {"input_ids": blocks}).logits[:, :-1]
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), blocks[:, 1:].reshape(-1))
+
+    @torch.inference_mode()
+    def scores(self, candidates: Mapping[str, Adapter], blocks: torch.Tensor) -> dict[str, float]:
+        stacked = {key: torch.stack([c[name] for c in candidates.values()]) for name, key in self.keys.items()}
+        with warnings.catch_warnings():
+            # torch has no vmap rule for CPU flash attention and loops it per adapter: part of the cost measured.
+            warnings.simplefilter("ignore", UserWarning)
+            losses = vmap(self._loss, in_dims=(0, None))(stacked, blocks)
+        return {name: -loss for name, loss in zip(candidates, losses.tolist())}
+
+
+def looped_scores(host: AdapterHost, candidates: Mapping[str, Adapter], blocks: torch.Tensor,
+                  batch_size: int) -> dict[str, float]:
+    return {name: -evaluate.mean_loss(host, adapter, blocks, batch_size) for name, adapter in candidates.items()}
+
+
+def main() -> dict:
+    setup()
+    config = default_config("num_peers=8")
+    workspace = open_workspace(config, log=quiet)
+    host, t, trust = workspace.host, config.training, config.trust
+    graph, data = job_setup(config, workspace, SEED)
+    spec = peer_specs(config, graph, data, "validation", SEED)[0]
+    own = data[0]
+    initial = host.initial_adapter(derive_seed(SEED, "shared-init"))
+
+    # The real training step: the Peer's own, on its own batches (the endpoint is never touched).
+    peer = Peer(spec, host, own, endpoint=None, initial_adapter=initial)
+    adapter = trainable_copy(initial)
+    optimizer = torch.optim.AdamW(adapter.values(), lr=t.lr, weight_decay=t.weight_decay)
+    stream = batches(own.train, t.batch_size, generator(SEED, "batches", own.name))
+
+    by_name = {d.name: d for d in data}
+    candidates: dict[str, Adapter] = {spec.name: {k: p.detach() for k, p in adapter.items()}}
+    for name in spec.neighbours:
+        candidates[name] = trained_neighbour(host, initial, by_name[name].train, t.batch_size, t.lr, name)
+    val = own.val
+    stacked = StackedScorer(host)
+
+    sides = {
+        "train": lambda: peer._train(adapter, optimizer, stream, t.local_steps),
+        "validation": lambda: evaluate.validation_scores(host, candidates, val),
+        "predictions": lambda: evaluate.predictions_scores(host, spec.name, candidates, val,
+                                                           trust.predictions_top_k, trust.predictions_distance),
+        "whole": lambda: looped_scores(host, candidates, val, len(val)),
+        "chunks8": lambda: looped_scores(host, candidates, val, 8),
+        "vmap": lambda: stacked.scores(candidates, val),
+    }
+    times = {name: median(values) for name, values in interleaved(sides, REPEATS).items()}
+    looped, batched = looped_scores(host, candidates, val, len(val)), stacked.scores(candidates, val)
+    vmap_error = max(abs(looped[name] - batched[name]) for name in candidates)
+
+    ratios = {
+        "validation_over_train": times["validation"] / times["train"],
+        "predictions_over_train": times["predictions"] / times["train"],
+        "chunks8_over_whole": times["chunks8"] / times["whole"],
+        "looped_over_vmap": times["whole"] / times["vmap"],
+    }
+    print(f"trust cost: {len(candidates)} candidates (self + {len(spec.neighbours)} neighbours) on {len(val)} x "
+          f"{val.shape[1]} validation tokens vs a round of {t.local_steps} steps at batch {t.batch_size}, "
+          f"median of {REPEATS} interleaved")
+    for name, seconds in times.items():
+        print(f"  {name:12s}: {seconds * 1e3:7.1f} ms")
+    print(f"  validation / train : {ratios['validation_over_train']:5.2f}")
+    print(f"  predictions / train: {ratios['predictions_over_train']:5.2f}")
+    print(f"  chunks of 8 / whole: {ratios['chunks8_over_whole']:5.2f}")
+    print(f"  looped / vmap      : {ratios['looped_over_vmap']:5.2f}  (vmap works; largest loss difference "
+          f"{vmap_error:.1e})")
+    return {"times_s": times, **ratios, "vmap_max_abs_loss_difference": vmap_error}
+
+
+if __name__ == "__main__":
+    main()
