@@ -69,6 +69,35 @@ class PeerResult:
         return self.rounds[-1].bytes_sent if self.rounds else 0
 
 
+class UpdateInbox:
+    """Neighbours' updates by round. A fast neighbour's next-round update waits here for the next round
+    instead of replacing the one this round needs; an update at most one round stale stands in for a late one."""
+
+    def __init__(self, max_ahead: int):
+        self.max_ahead = max_ahead
+        self._by_sender: dict[str, dict[int, wire.UpdateMessage]] = {}
+
+    def put(self, message: wire.UpdateMessage, current_round: int) -> bool:
+        if not current_round - 1 <= message.round <= current_round + self.max_ahead:
+            return False  # too old to use, or too far ahead to be honest: do not let it take memory
+        self._by_sender.setdefault(message.sender, {})[message.round] = message
+        return True
+
+    def has_reached(self, sender: str, round_index: int) -> bool:
+        return any(r >= round_index for r in self._by_sender.get(sender, {}))
+
+    def for_round(self, round_index: int) -> dict[str, wire.UpdateMessage]:
+        """Each neighbour's newest update from this round or the one before; older ones are forgotten."""
+        chosen = {}
+        for sender, rounds in self._by_sender.items():
+            for old in [r for r in rounds if r < round_index - 1]:
+                del rounds[old]
+            usable = [r for r in rounds if r <= round_index]
+            if usable:
+                chosen[sender] = rounds[max(usable)]
+        return chosen
+
+
 class Peer:
     """One participant. Construction stores references only; `run()` does the work."""
 
@@ -92,7 +121,7 @@ class Peer:
         optimizer = torch.optim.AdamW(adapter.values(), lr=training.lr, weight_decay=training.weight_decay)
         stream = batches(self.data.train, training.batch_size, generator(spec.seed, "batches", spec.name))
         expected_shapes = {name: tuple(t.shape) for name, t in adapter.items()}
-        latest: dict[str, wire.UpdateMessage] = {}  # the newest update each neighbour sent
+        inbox = UpdateInbox(max_ahead=2)
         result = PeerResult(spec.name)
         steps = 0
         self._record(result, RoundRecord(0, 0, None, self._test_ppl(adapter), {}, (), 0))
@@ -109,10 +138,9 @@ class Peer:
             missing: tuple[str, ...] = ()
             if self.communicates and steps > training.warmup_steps:
                 await self._send(adapter, round_index)
-                await self._collect(latest, round_index, expected_shapes)
-                fresh = {n: m for n, m in latest.items() if m.round == round_index}
-                missing = tuple(n for n in spec.neighbours if n not in fresh)
-                usable = {n: m for n, m in latest.items() if m.round >= round_index - 1}  # at most one round stale
+                await self._collect(inbox, round_index, expected_shapes)
+                usable = inbox.for_round(round_index)
+                missing = tuple(n for n in spec.neighbours if n not in usable or usable[n].round != round_index)
                 weights = self._weights(adapter, usable)
                 self._aggregate(adapter, usable, weights)
             evaluate_now = round_index % training.eval_every == 0 or round_index == training.rounds
@@ -145,13 +173,13 @@ class Peer:
         for neighbour in self.spec.neighbours:
             await self.endpoint.send(neighbour, payload)
 
-    async def _collect(self, latest: dict[str, wire.UpdateMessage], round_index: int,
+    async def _collect(self, inbox: "UpdateInbox", round_index: int,
                        expected_shapes: Mapping[str, tuple[int, ...]]) -> None:
         """Take updates until every neighbour's round update is in, or the deadline passes."""
         neighbours = set(self.spec.neighbours)
         limits = wire.WireLimits(max_bytes=self.spec.max_message_bytes)
         with trio.move_on_after(self.spec.round_timeout_s):
-            while any(latest.get(n) is None or latest[n].round < round_index for n in neighbours):
+            while not all(inbox.has_reached(n, round_index) for n in neighbours):
                 sender, payload = await self.endpoint.receive()
                 if sender not in neighbours:
                     log.warning("%s: dropped an update from %s, which is not a neighbour", self.spec.name, sender)
@@ -165,8 +193,9 @@ class Peer:
                     log.error("%s: dropped an update from %s claiming to be %s", self.spec.name, sender,
                               message.sender)
                     continue
-                if sender not in latest or message.round > latest[sender].round:
-                    latest[sender] = message
+                if not inbox.put(message, round_index):
+                    log.warning("%s: dropped an update from %s for round %d (now round %d)", self.spec.name,
+                                sender, message.round, round_index)
 
     def _weights(self, adapter, received: Mapping[str, wire.UpdateMessage]) -> dict[str, float]:
         spec, cfg = self.spec, self.spec.trust

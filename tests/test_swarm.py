@@ -150,3 +150,21 @@ def test_predictions_scores_do_not_depend_on_the_chunk_size(workspace):
     chunked = predictions_scores(host, "peer0", candidates, data.val, top_k=8, kind="kl", batch_size=3)
     assert whole["peer0"] == 0.0 and whole["peer1"] < 0
     assert chunked["peer1"] == pytest.approx(whole["peer1"], rel=1e-5)
+
+
+def test_inbox_keeps_a_fast_neighbours_next_update_for_the_next_round():
+    from p2pfed.peer import UpdateInbox
+
+    def update(sender, round_index):
+        return wire.UpdateMessage(sender=sender, round=round_index, tensors={"x": torch.full((1,), float(round_index))})
+
+    inbox = UpdateInbox(max_ahead=2)
+    assert inbox.put(update("a", 1), current_round=1) and inbox.put(update("a", 2), current_round=1)
+    assert inbox.put(update("b", 1), current_round=1)
+    assert not inbox.put(update("b", 9), current_round=1)  # too far ahead
+    assert inbox.for_round(1)["a"].round == 1  # not replaced by round 2
+    assert inbox.has_reached("a", 2) and not inbox.has_reached("b", 2)
+    chosen = inbox.for_round(2)
+    assert chosen["a"].round == 2 and chosen["b"].round == 1  # b's round-1 update stands in, one round stale
+    assert "b" not in inbox.for_round(3)  # two rounds stale: forgotten
+    assert not inbox.put(update("b", 1), current_round=3)
