@@ -36,9 +36,28 @@ BENCHMARKS: list[tuple[str, Callable, list[Check]]] = [
     ]),
     # Written separately; run with one thread like the rest.
     ("flexlora_projection", lambda m: m.main(threads=1), [
-        ("dense SVD / QR + small SVD", "speedup_dense_over_qr", None, "(info)"),
+        ("dense SVD / QR + small SVD", "speedup_dense_over_qr", lambda r: r >= 10, ">= 10"),
+    ]),
+    ("expert_layer", lambda m: m.main(), [
+        ("experts 1g+1s top-2 / LoRA 2r, n_embd 64", "n_embd_64.ratio_experts_vs_lora", lambda r: r <= 1.3, "<= 1.3"),
+        ("experts 1g+1s top-2 / LoRA 2r, n_embd 256", "n_embd_256.ratio_experts_vs_lora", lambda r: r <= 1.3,
+         "<= 1.3"),
+    ]),
+    ("libp2p_throughput", lambda m: m.main(), [
+        ("libp2p / raw TCP, 1 MB update", "1 MB.ratio_libp2p_over_raw", lambda r: r >= 0.3, ">= 0.3"),
+        ("libp2p / raw TCP, 10 MB update", "10 MB.ratio_libp2p_over_raw", lambda r: r >= 0.3, ">= 0.3"),
     ]),
 ]
+
+
+def lookup(result: dict, key: str):
+    """A value by dotted path, for benchmarks that nest their results."""
+    value = result
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
 
 
 def run(name: str, call: Callable) -> dict | None:
@@ -70,7 +89,7 @@ def main() -> int:
             print(f"  {name}: FAILED (see above)")
             continue
         for label, key, test, target in checks:
-            value = result.get(key)
+            value = lookup(result, key)
             verdict = "" if test is None or value is None else ("ok" if test(value) else "MISSED")
             shown = "n/a" if value is None else f"{value:8.2f}"
             print(f"  {label:42s} {shown:>8}  {target:24s} {verdict}")
