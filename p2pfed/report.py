@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -175,7 +174,3 @@ def _topology(summary, run_dir: Path, plt) -> Path:
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
-
-
-def finite(value: float) -> bool:
-    return math.isfinite(value)

@@ -225,7 +225,7 @@ def test_sending_to_a_dead_neighbour_returns_within_the_timeout(caplog):
 
 def test_a_neighbour_that_never_acknowledges_costs_one_send_timeout():
     ka = identity_from_seed(1)
-    a_id, silent_id = peer_id_of(ka), peer_id_of(identity_from_seed(9))
+    silent_id = peer_id_of(identity_from_seed(9))
     limits = TransportLimits(send_timeout_s=1.0)
 
     async def main():
