@@ -33,7 +33,7 @@ import torch
 
 from common import default_config, quiet, setup
 from p2pfed.data import batches
-from p2pfed.model import AdapterHost, lm_loss, trainable_copy
+from p2pfed.model import AdapterHost, trainable_copy, train_steps
 from p2pfed.seeding import generator
 from p2pfed.swarm import job_setup, open_workspace
 
@@ -62,12 +62,7 @@ def new_peer(host: AdapterHost, initial, stream, lr: float) -> tuple[dict, torch
     """A peer's own state after a few steps: its adapter, its AdamW (state now allocated), its grads."""
     adapter = trainable_copy(initial)
     optimizer = torch.optim.AdamW(adapter.values(), lr=lr)
-    with host.using(adapter) as model:
-        for _ in range(STEPS_PER_PEER):
-            loss = lm_loss(model, next(stream))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+    train_steps(host, adapter, optimizer, stream, STEPS_PER_PEER)
     return adapter, optimizer
 
 

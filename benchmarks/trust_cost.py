@@ -5,7 +5,7 @@ adapter and 7 neighbour adapters, each trained a few steps on that neighbour's d
 plain tensors as the wire delivers them). Timed side by side, interleaved:
 
 - train: one round of local training, `training.local_steps` steps at the default batch size, through
-  the Peer's own training step;
+  the peer loop's own training step (model.train_steps);
 - validation: `evaluate.validation_scores` on the peer's validation blocks (data.val_blocks);
 - predictions: `evaluate.predictions_scores` with the default top-k and distance;
 - whole / chunks8: validation scoring with each candidate's blocks in one batch, or in batches of 8;
@@ -30,8 +30,7 @@ from torch.func import functional_call, vmap
 from common import default_config, interleaved, median, quiet, setup
 from p2pfed import evaluate
 from p2pfed.data import batches
-from p2pfed.model import Adapter, AdapterHost, lm_loss, trainable_copy
-from p2pfed.peer import Peer
+from p2pfed.model import Adapter, AdapterHost, train_steps, trainable_copy
 from p2pfed.seeding import derive_seed, generator
 from p2pfed.swarm import job_setup, open_workspace, peer_specs
 
@@ -45,12 +44,7 @@ def trained_neighbour(host: AdapterHost, initial: Adapter, train: torch.Tensor, 
     adapter = trainable_copy(initial)
     optimizer = torch.optim.AdamW(adapter.values(), lr=lr)
     stream = batches(train, batch_size, generator(SEED, "batches", name))
-    with host.using(adapter) as model:
-        for _ in range(NEIGHBOUR_STEPS):
-            loss = lm_loss(model, next(stream))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+    train_steps(host, adapter, optimizer, stream, NEIGHBOUR_STEPS)
     return {key: p.detach().clone() for key, p in adapter.items()}
 
 
@@ -92,8 +86,7 @@ def main() -> dict:
     own = data[0]
     initial = host.initial_adapter(derive_seed(SEED, "shared-init"))
 
-    # The real training step: the Peer's own, on its own batches (the endpoint is never touched).
-    peer = Peer(spec, host, own, endpoint=None, initial_adapter=initial)
+    # The real training step: model.train_steps, which the peer loop calls, on the peer's own batches.
     adapter = trainable_copy(initial)
     optimizer = torch.optim.AdamW(adapter.values(), lr=t.lr, weight_decay=t.weight_decay)
     stream = batches(own.train, t.batch_size, generator(SEED, "batches", own.name))
@@ -106,7 +99,7 @@ def main() -> dict:
     stacked = StackedScorer(host)
 
     sides = {
-        "train": lambda: peer._train(adapter, optimizer, stream, t.local_steps),
+        "train": lambda: train_steps(host, adapter, optimizer, stream, t.local_steps),
         "validation": lambda: evaluate.validation_scores(host, candidates, val),
         "predictions": lambda: evaluate.predictions_scores(host, spec.name, candidates, val,
                                                            trust.predictions_top_k, trust.predictions_distance),

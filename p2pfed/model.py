@@ -290,3 +290,17 @@ def lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of a (batch, length) block of token ids."""
     logits = model(input_ids=batch).logits
     return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+
+
+def train_steps(host: AdapterHost, adapter: Mapping[str, nn.Parameter], optimizer: torch.optim.Optimizer,
+                stream: Iterator[torch.Tensor], steps: int) -> float:
+    """`steps` optimizer steps of `adapter` on batches from `stream`; returns the mean training loss."""
+    total = 0.0
+    with host.using(adapter) as model:
+        for _ in range(steps):
+            loss = lm_loss(model, next(stream))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item()
+    return total / steps

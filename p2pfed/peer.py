@@ -17,7 +17,7 @@ import trio
 from p2pfed import aggregate, evaluate, trust, wire
 from p2pfed.config import Scheme, TrainingConfig, TrustConfig
 from p2pfed.data import PeerData, batches
-from p2pfed.model import AdapterHost, lm_loss, trainable_copy
+from p2pfed.model import AdapterHost, train_steps, trainable_copy
 from p2pfed.seeding import generator
 from p2pfed.transport import Endpoint
 
@@ -132,7 +132,7 @@ class Peer:
                                                  online=False))
                 await trio.sleep(0)
                 continue
-            train_loss = self._train(adapter, optimizer, stream, training.local_steps)
+            train_loss = train_steps(self.host, adapter, optimizer, stream, training.local_steps)
             steps += training.local_steps
             weights: dict[str, float] = {}
             missing: tuple[str, ...] = ()
@@ -151,17 +151,6 @@ class Peer:
         return result
 
     # -- the steps of a round -------------------------------------------------------------
-
-    def _train(self, adapter, optimizer, stream, steps: int) -> float:
-        total = 0.0
-        with self.host.using(adapter) as model:
-            for _ in range(steps):
-                loss = lm_loss(model, next(stream))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += loss.item()
-        return total / steps
 
     async def _send(self, adapter, round_index: int) -> None:
         message = wire.UpdateMessage(
