@@ -7,7 +7,7 @@ shared/docs/algorithms.md, sections 1 and 3.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +20,8 @@ __all__ = [
     "flexlora_project",
     "dense_project",
     "zero_padded_average",
+    "lora_pairs",
+    "project_adapter",
 ]
 
 WEIGHT_SUM_TOLERANCE = 1e-6
@@ -154,6 +156,59 @@ def zero_padded_average(
     return LoraFactors(
         A=a_sum[:rank].to(torch.float32), B=b_sum[:, :rank].to(torch.float32), scale=scale
     )
+
+
+def lora_pairs(tensors: Mapping[str, Tensor], scale_of: Callable[[int], float]) -> dict[str, LoraFactors]:
+    """Group "<module>.lora_A" / "<module>.lora_B" tensors into factors, each with the scale of its rank.
+
+    Raises ValueError for a tensor that is not half of a 2-D LoRA pair, or for a pair whose ranks
+    disagree: rank-flexible aggregation is defined for plain LoRA factors only.
+    """
+    pairs: dict[str, LoraFactors] = {}
+    for name in tensors:
+        prefix, _, part = name.rpartition(".")
+        if part not in ("lora_A", "lora_B"):
+            raise ValueError(f"{name!r} is not a LoRA factor: rank-flexible aggregation takes lora_A/lora_B only")
+        if prefix in pairs:
+            continue
+        a, b = tensors.get(f"{prefix}.lora_A"), tensors.get(f"{prefix}.lora_B")
+        if a is None or b is None:
+            raise ValueError(f"{prefix}: lora_A and lora_B must come together")
+        factors = LoraFactors(A=a, B=b, scale=1.0)  # checks the shapes
+        pairs[prefix] = LoraFactors(A=a, B=b, scale=scale_of(factors.rank))
+    return pairs
+
+
+def project_adapter(
+    states: Mapping[str, Mapping[str, Tensor]],
+    weights: Mapping[str, float],
+    own: str,
+    scale_of: Callable[[int], float],
+    method: str = "flexlora",
+) -> dict[str, Tensor]:
+    """Aggregate whole LoRA adapters of possibly different ranks onto `own`'s rank, layer by layer.
+
+    "flexlora": the best rank-r_own factors of sum_j w_j s_j B_j A_j; "zero_padded": the baseline
+    that averages zero-padded A and B. Peers with weight 0 are left out.
+    """
+    if method not in ("flexlora", "zero_padded"):
+        raise ValueError(f"unknown projection {method!r}")
+    _check_weights({p: weights.get(p, 0.0) for p in states})
+    peers = [p for p in states if weights.get(p, 0.0) > 0 or p == own]
+    by_peer = {p: lora_pairs(states[p], scale_of) for p in peers}
+    merged: dict[str, Tensor] = {}
+    for prefix, mine in by_peer[own].items():
+        missing = [p for p in peers if prefix not in by_peer[p]]
+        if missing:
+            raise ValueError(f"{missing} sent no factors for {prefix}")
+        factors = [by_peer[p][prefix] for p in peers]
+        peer_weights = [weights.get(p, 0.0) for p in peers]
+        if method == "flexlora":
+            result = flexlora_project(factors, peer_weights, mine.rank, mine.scale)
+        else:
+            result = zero_padded_average(factors, peer_weights, mine.rank, mine.scale)
+        merged[f"{prefix}.lora_A"], merged[f"{prefix}.lora_B"] = result.A, result.B
+    return merged
 
 
 # ---------------------------------------------------------------------------

@@ -14,8 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-SCHEMES = ("local", "fedavg", "weights", "validation", "predictions", "oracle")
-Scheme = Literal["local", "fedavg", "weights", "validation", "predictions", "oracle"]
+# How a peer weighs its neighbours (algorithms.md section 1).
+TRUST_SCHEMES = ("local", "fedavg", "weights", "validation", "predictions", "oracle")
+TrustScheme = Literal["local", "fedavg", "weights", "validation", "predictions", "oracle"]
+Aggregation = Literal["average", "flexlora", "zero_padded"]
+
+# Method families beside the plain trust schemes: "<family>" uses FedAvg weights, "<family>:<trust>"
+# any trust scheme. The comigs families fix (generalists, specialists) per expert layer.
+AGGREGATION_FAMILIES: dict[str, Aggregation] = {"flexlora": "flexlora", "zero-padded": "zero_padded"}
+EXPERT_FAMILIES: dict[str, tuple[int, int]] = {"comigs-1g1s": (1, 1), "comigs-2g": (2, 0), "comigs-2s": (0, 2)}
 
 
 class ConfigError(ValueError):
@@ -60,6 +67,64 @@ class DataConfig:
     train_blocks: int = 48
     val_blocks: int = 16
     test_blocks: int = 24
+
+
+@dataclass(frozen=True)
+class ExpertsConfig:
+    """CoMiGS expert layers (algorithms.md section 2), used by the comigs-* methods."""
+
+    top_k: int = 2  # experts kept per token (clipped to the layer's number of experts)
+    router_every: int = 2  # expert steps between router phases
+    router_steps: int = 1  # router-only steps on the validation split per phase
+    router_lr: float = 1e-3
+    load_balancing: float = 0.01  # weight of the load-balancing loss (only where top_k < experts)
+    # Dotted suffixes of module paths; empty: the model family's MLP linears. Attention keeps a plain LoRA.
+    target_modules: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PeerProfile:
+    """What one kind of peer can afford: peers/*.toml. Unset fields take the experiment's values."""
+
+    name: str = "default"
+    rank: int | None = None  # LoRA rank (also the rank of its experts); None: lora.rank
+    specialists: int | None = None  # specialist experts under comigs methods that have any; None: the method's
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of an experiment: how peers adapt, weigh their neighbours and aggregate."""
+
+    name: str
+    trust: TrustScheme
+    aggregation: Aggregation = "average"
+    generalists: int = 0  # experts per adapted layer; 0 and 0: plain LoRA
+    specialists: int = 0
+
+    @property
+    def has_experts(self) -> bool:
+        return self.generalists + self.specialists > 0
+
+    @property
+    def shares_anything(self) -> bool:
+        return self.trust != "local" and (not self.has_experts or self.generalists > 0)
+
+
+def parse_method(name: str) -> Method:
+    """"fedavg", "flexlora", "flexlora:predictions", "zero-padded", "comigs-1g1s:validation", ..."""
+    family, sep, trust = name.partition(":")
+    if family in TRUST_SCHEMES and not sep:
+        return Method(name=name, trust=family)
+    trust = trust if sep else "fedavg"
+    if trust not in TRUST_SCHEMES or trust == "local" or not (family in AGGREGATION_FAMILIES
+                                                                or family in EXPERT_FAMILIES):
+        known = [*TRUST_SCHEMES, *AGGREGATION_FAMILIES, *EXPERT_FAMILIES]
+        raise ConfigError(f"schemes: unknown scheme {name!r} (known: {', '.join(known)}; a family may take a "
+                          f"trust scheme after a colon, e.g. 'flexlora:predictions')")
+    if family in AGGREGATION_FAMILIES:
+        return Method(name=name, trust=trust, aggregation=AGGREGATION_FAMILIES[family])
+    generalists, specialists = EXPERT_FAMILIES[family]
+    return Method(name=name, trust=trust, generalists=generalists, specialists=specialists)
 
 
 @dataclass(frozen=True)
@@ -121,12 +186,15 @@ class ExperimentConfig:
     name: str = "experiment"
     num_peers: int = 8
     seeds: tuple[int, ...] = (0,)
-    schemes: tuple[Scheme, ...] = ("local", "fedavg", "validation")
+    schemes: tuple[str, ...] = ("local", "fedavg", "validation")  # see parse_method
     runtime: Literal["inprocess"] = "inprocess"
     workers: int = 1  # processes running (scheme, seed) jobs side by side
     output_dir: str = "runs"
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    # Peer i gets profiles[i % len(profiles)]; empty: every peer takes the experiment's values.
+    profiles: tuple[PeerProfile, ...] = ()
     data: DataConfig = field(default_factory=DataConfig)
     topology: TopologyConfig = field(default_factory=TopologyConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
@@ -142,6 +210,17 @@ class ExperimentConfig:
         _check(self.model.context >= 8, "model.context", "must be at least 8")
         _check(self.model.n_embd % self.model.n_head == 0, "model.n_embd", "must be a multiple of model.n_head")
         _check(self.lora.rank >= 1, "lora.rank", "must be at least 1")
+        for i, profile in enumerate(self.profiles):
+            _check(profile.rank is None or profile.rank >= 1, f"profiles[{i}].rank", "must be at least 1")
+            _check(profile.specialists is None or profile.specialists >= 1, f"profiles[{i}].specialists",
+                   "must be at least 1")
+        e = self.experts
+        _check(e.top_k >= 1, "experts.top_k", "must be at least 1")
+        _check(e.router_every >= 1, "experts.router_every", "must be at least 1")
+        _check(e.router_steps >= 0, "experts.router_steps", "must not be negative")
+        _check(e.router_lr > 0, "experts.router_lr", "must be positive")
+        _check(e.load_balancing >= 0, "experts.load_balancing", "must not be negative")
+        self._check_methods()
         _check(len(self.data.groups) >= 1, "data.groups", "needs at least one group")
         _check(0.0 < self.data.own_fraction <= 1.0, "data.own_fraction", "must be in (0, 1]")
         _check(self.data.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be positive")
@@ -167,6 +246,31 @@ class ExperimentConfig:
         _check(n.round_timeout_s > 0, "network.round_timeout_s", "must be positive")
         _check(n.max_message_bytes > 0, "network.max_message_bytes", "must be positive")
         return self
+
+    @property
+    def methods(self) -> tuple[Method, ...]:
+        return tuple(parse_method(name) for name in self.schemes)
+
+    def profile_of(self, index: int) -> PeerProfile:
+        return self.profiles[index % len(self.profiles)] if self.profiles else PeerProfile()
+
+    def rank_of(self, index: int) -> int:
+        return self.profile_of(index).rank or self.lora.rank
+
+    def _check_methods(self) -> None:
+        ranks = sorted({self.rank_of(i) for i in range(self.num_peers)})
+        for method in self.methods:
+            if len(ranks) == 1:
+                continue
+            if method.has_experts:
+                raise ConfigError(
+                    f"schemes: {method.name!r} needs one rank on every peer (a layer's experts run as one batched "
+                    f"product), but the profiles give ranks {ranks}; mixed-rank expert layers are not supported")
+            if method.aggregation == "average" and method.shares_anything:
+                flex = "flexlora" if method.trust == "fedavg" else f"flexlora:{method.trust}"
+                raise ConfigError(
+                    f"schemes: {method.name!r} averages A and B, which needs one LoRA rank, but the profiles give "
+                    f"ranks {ranks}: use {flex!r} (or 'zero-padded', the naive baseline)")
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -294,16 +398,33 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 def resolve_topology(value: Any, base_dir: Path) -> dict[str, Any]:
     """The experiment's `topology` key is a table or the path of a topologies/*.toml file."""
     if isinstance(value, str):
-        candidate = Path(value)
-        for root in (base_dir, Path.cwd()):
-            if (root / candidate).is_file():
-                candidate = root / candidate
-                break
+        candidate = _find(value, base_dir)
         table = load_toml(candidate)
         if isinstance(table.get("path"), str) and table["path"] and not Path(table["path"]).is_absolute():
             table["path"] = str((candidate.parent / table["path"]).resolve())
         return table
     return value
+
+
+def _find(value: str, base_dir: Path) -> Path:
+    candidate = Path(value)
+    for root in (base_dir, Path.cwd()):
+        if (root / candidate).is_file():
+            return root / candidate
+    return candidate
+
+
+def resolve_profiles(value: Any, base_dir: Path) -> Any:
+    """`profiles` lists tables or paths of peers/*.toml files; a file's profile is named after it by default."""
+    if not isinstance(value, list):
+        return value
+    resolved = []
+    for item in value:
+        if isinstance(item, str):
+            path = _find(item, base_dir)
+            item = {"name": path.stem, **load_toml(path)}
+        resolved.append(item)
+    return resolved
 
 
 def load_experiment(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
@@ -312,4 +433,6 @@ def load_experiment(path: str | Path | None = None, overrides: list[str] | None 
     base_dir = Path(path).resolve().parent if path is not None else Path.cwd()
     if "topology" in data:
         data["topology"] = resolve_topology(data["topology"], base_dir)
+    if "profiles" in data:
+        data["profiles"] = resolve_profiles(data["profiles"], base_dir)
     return from_dict(ExperimentConfig, data).validate()

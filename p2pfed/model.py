@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
@@ -23,7 +22,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from p2pfed.config import ConfigError, LoraConfig, ModelConfig
+from p2pfed.config import ConfigError, ExpertsConfig, LoraConfig, ModelConfig
 from p2pfed.data import ByteTokenizer, load_pretrain_text
 
 # LoRA targets that cover attention and MLP linears, per model family.
@@ -198,88 +197,197 @@ def _pretrain_loop(model: nn.Module, config: ModelConfig, tokens: torch.Tensor) 
 
 
 # ---------------------------------------------------------------------------
-# LoRA adapters on the shared base.
+# Adapters on the shared base: plain LoRA (through peft) and CoMiGS expert layers.
+
+@dataclass(frozen=True)
+class AdapterLayout:
+    """What one peer's adapter holds: its LoRA rank and, on expert layers, its experts."""
+
+    rank: int
+    generalists: int = 0
+    specialists: int = 0
+
+    @property
+    def has_experts(self) -> bool:
+        return self.generalists + self.specialists > 0
+
 
 @dataclass(frozen=True)
 class AdapterSlot:
-    name: str  # the adapter tensor's name on the wire, e.g. "transformer.h.0.attn.c_attn.lora_A"
-    module: nn.Module  # the nn.Linear that holds it
-    shape: tuple[int, ...]
-    fan_in: int
+    """Where one adapter tensor goes: `module._parameters[attr]`.
+
+    Slots fix where tensors go, not their shapes: peers of different ranks or numbers of experts
+    use the same slots with tensors of their own shapes.
+    """
+
+    name: str  # the tensor's name on the wire, e.g. "transformer.h.0.attn.c_attn.lora_A"
+    module: nn.Module  # peft's nn.Linear for lora_A/lora_B, a MixtureOfLoraExperts for expert tensors
+    attr: str
+    kind: str  # lora_A, lora_B, or one of experts.EXPERT_TENSORS
+    in_features: int
+    out_features: int
+    lora_layer: nn.Module | None = None  # the peft LoraLayer whose scaling follows the pointed rank
+
+    def shape(self, layout: AdapterLayout) -> tuple[int, ...]:
+        r, g, s = layout.rank, layout.generalists, layout.specialists
+        return {
+            "lora_A": (r, self.in_features), "lora_B": (self.out_features, r),
+            "generalist_A": (g, r, self.in_features), "generalist_B": (g, self.out_features, r),
+            "specialist_A": (s, r, self.in_features), "specialist_B": (s, self.out_features, r),
+            "router": (g + s, self.in_features),
+        }[self.kind]
 
 
 class AdapterHost:
-    """One peft-wrapped base model whose LoRA tensors can be pointed at any peer's adapter."""
+    """One frozen base model whose adapter tensors can be pointed at any peer's adapter."""
 
-    def __init__(self, model: nn.Module, slots: list[AdapterSlot], lora: LoraConfig):
+    def __init__(self, model: nn.Module, slots: list[AdapterSlot], lora: LoraConfig, experts: bool = False):
         self.model = model
         self.slots = slots
         self.lora = lora
+        self.experts = experts  # whether MLP layers hold experts (the comigs methods' host)
 
-    @property
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {slot.name: slot.shape for slot in self.slots}
+    def layout(self, rank: int | None = None, generalists: int = 0, specialists: int = 0) -> AdapterLayout:
+        layout = AdapterLayout(rank or self.lora.rank, generalists, specialists)
+        if layout.has_experts != self.experts:
+            raise ValueError(f"this host {'has' if self.experts else 'has no'} expert layers; layout {layout}")
+        return layout
 
-    def initial_adapter(self, seed: int) -> Adapter:
-        """The seeded shared init: every peer starting from the same seed holds the same adapter.
+    def shapes(self, layout: AdapterLayout | None = None) -> dict[str, tuple[int, ...]]:
+        layout = layout or self.layout()
+        return {slot.name: slot.shape(layout) for slot in self.slots}
 
-        A is drawn like peft's kaiming-uniform(a=sqrt(5)) init, from our own generator; B is zero.
+    def scale(self, rank: int) -> float:
+        """s = alpha / r (alpha / sqrt(r) with rsLoRA): alpha is the swarm's, the rank each peer's own."""
+        from p2pfed.aggregate import lora_scale
+
+        return lora_scale(self.lora.alpha, rank, self.lora.rslora)
+
+    def initial_adapter(self, seed: int, layout: AdapterLayout | None = None) -> Adapter:
+        """The seeded init: peers with the same seed and layout hold the same adapter.
+
+        A is drawn like peft's kaiming-uniform(a=sqrt(5)) init, B is zero, routers small. Shared
+        tensors are drawn first, so that peers holding different numbers of specialists still
+        start from the same generalists.
         """
+        from p2pfed.experts import init_tensor, is_shared
+
+        shapes = self.shapes(layout)
         generator = torch.Generator().manual_seed(seed)
-        adapter: Adapter = {}
-        for slot in self.slots:
-            if slot.name.endswith("lora_A"):
-                bound = 1.0 / math.sqrt(slot.fan_in)
-                adapter[slot.name] = (torch.rand(slot.shape, generator=generator) * 2 - 1) * bound
-            else:
-                adapter[slot.name] = torch.zeros(slot.shape)
-        return adapter
+        ordered = [s for s in self.slots if is_shared(s.name)] + [s for s in self.slots if not is_shared(s.name)]
+        drawn = {slot.name: init_tensor(slot.kind, shapes[slot.name], generator) for slot in ordered}
+        return {slot.name: drawn[slot.name] for slot in self.slots}
 
     @contextlib.contextmanager
     def using(self, adapter: Mapping[str, torch.Tensor]) -> Iterator[nn.Module]:
-        """Point every LoRA module at `adapter`'s tensors (no copy) for the duration of the block."""
-        saved = [slot.module.weight for slot in self.slots]
+        """Point every slot at `adapter`'s tensors (no copy) for the duration of the block.
+
+        peft's LoRA scaling follows the rank of the pointed A; expert layers read theirs from
+        the tensors at forward time.
+        """
+        saved = [slot.module._parameters[slot.attr] for slot in self.slots]
+        scalings = [(slot.lora_layer, slot.lora_layer.scaling["default"]) for slot in self.slots
+                    if slot.lora_layer is not None]
         try:
             for slot in self.slots:
-                slot.module._parameters["weight"] = adapter[slot.name]
+                tensor = adapter[slot.name]
+                slot.module._parameters[slot.attr] = tensor
+                if slot.lora_layer is not None:
+                    slot.lora_layer.scaling["default"] = self.scale(tensor.shape[0])
             yield self.model
         finally:
-            for slot, weight in zip(self.slots, saved):
-                slot.module._parameters["weight"] = weight
+            for slot, tensor in zip(self.slots, saved):
+                slot.module._parameters[slot.attr] = tensor
+            for layer, scaling in scalings:
+                layer.scaling["default"] = scaling
+
+
+def structure_copy(model: nn.Module) -> nn.Module:
+    """A new module tree over the same frozen tensors: each host injects its own adapters into
+    its own tree, while every host of a process shares one copy of the base weights."""
+    import copy
+
+    shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return copy.deepcopy(model, memo=shared)
 
 
 def attach_lora(base: BaseModel, lora: LoraConfig) -> AdapterHost:
+    """A host with plain LoRA on every target layer."""
+    return attach_adapters(base, lora, None)
+
+
+def attach_adapters(base: BaseModel, lora: LoraConfig, experts: ExpertsConfig | None) -> AdapterHost:
+    """A host over a structure copy of `base` (whose own modules stay untouched).
+
+    Without `experts`: plain LoRA on every target. With it: expert layers on the experts'
+    targets (default: the MLP linears) and plain LoRA on the other targets (attention).
+    """
+    from p2pfed.experts import MLP_TARGETS, ExpertConfig, attach_experts, layer_slots
+
+    model = structure_copy(base.model)
+    targets = list(lora.target_modules) or list(KNOWN_TARGETS.get(base.family, ())) or "all-linear"
+    expert_targets: list[str] = []
+    if experts is not None:
+        expert_targets = list(experts.target_modules) or list(MLP_TARGETS.get(base.family, ()))
+        if not expert_targets:
+            raise ConfigError(f"experts.target_modules: no default for model family {base.family!r}; name them")
+        targets = _lora_paths_outside(model, targets, expert_targets)
+    slots = _inject_lora(model, targets, lora, base.family) if targets else []
+    inner = model  # peft injects in place; calling the HF model directly skips the peft wrapper's overhead
+    if experts is not None:
+        layer_config = ExpertConfig(alpha=lora.alpha, rslora=lora.rslora, top_k=experts.top_k)
+        expert_slots = attach_experts(inner, expert_targets, layer_config)
+        for path in dict.fromkeys(s.name.rpartition(".")[0] for s in expert_slots):
+            layer = inner.get_submodule(path)
+            slots += [AdapterSlot(name=s.name, module=layer, attr=s.attr, kind=s.attr,
+                                  in_features=layer.in_features, out_features=layer.out_features)
+                      for s in layer_slots(path, layer)]
+    if not slots:
+        raise ConfigError(f"lora.target_modules: no module of the model matches {targets}")
+    inner.eval()
+    return AdapterHost(model=inner, slots=slots, lora=lora, experts=experts is not None)
+
+
+def _lora_paths_outside(model: nn.Module, targets, expert_targets: list[str]) -> list[str]:
+    """Full paths of the LoRA targets that are not expert targets ("c_proj" names both GPT-2 projections)."""
+    def matches(path: str, names) -> bool:
+        return any(path == n or path.endswith("." + n) for n in names)
+
+    if targets == "all-linear":
+        targets = sorted({p.rpartition(".")[2] for p, m in model.named_modules() if isinstance(m, nn.Linear)})
+    return [path for path, _ in model.named_modules()
+            if path and matches(path, targets) and not matches(path, expert_targets)
+            and not path.endswith("lm_head")]
+
+
+def _inject_lora(model: nn.Module, targets, lora: LoraConfig, family: str) -> list[AdapterSlot]:
     import warnings
 
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
     from peft.tuners.lora import LoraLayer
 
-    targets = list(lora.target_modules) or list(KNOWN_TARGETS.get(base.family, ())) or "all-linear"
     peft_config = PeftLoraConfig(
         r=lora.rank, lora_alpha=lora.alpha, lora_dropout=0.0, target_modules=targets,
-        use_rslora=lora.rslora, fan_in_fan_out=base.family == "gpt2", bias="none", task_type="CAUSAL_LM",
+        use_rslora=lora.rslora, fan_in_fan_out=family == "gpt2", bias="none", task_type="CAUSAL_LM",
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # peft's notes about Conv1D fan_in_fan_out
         try:
-            model = get_peft_model(base.model, peft_config)
+            get_peft_model(model, peft_config)
         except ValueError as error:
             raise ConfigError(f"lora.target_modules: {error}") from error
     slots: list[AdapterSlot] = []
-    for path, module in model.base_model.model.named_modules():
+    for path, module in model.named_modules():
         if not isinstance(module, LoraLayer) or "default" not in module.lora_A:
             continue
-        for part in ("lora_A", "lora_B"):
-            linear = getattr(module, part)["default"]
-            slots.append(AdapterSlot(name=f"{path}.{part}", module=linear, shape=tuple(linear.weight.shape),
-                                     fan_in=linear.weight.shape[1]))
-    if not slots:
-        raise ConfigError(f"lora.target_modules: no module of the model matches {targets}")
-    # Call the injected HF model directly: the peft wrapper's forward only adds overhead here.
-    inner = model.base_model.model
-    inner.eval()
-    return AdapterHost(model=inner, slots=slots, lora=lora)
+        a, b = module.lora_A["default"], module.lora_B["default"]
+        in_features, out_features = a.weight.shape[1], b.weight.shape[0]
+        for part, linear in (("lora_A", a), ("lora_B", b)):
+            slots.append(AdapterSlot(name=f"{path}.{part}", module=linear, attr="weight", kind=part,
+                                     in_features=in_features, out_features=out_features,
+                                     lora_layer=module if part == "lora_A" else None))
+    return slots
 
 
 def trainable_copy(adapter: Mapping[str, torch.Tensor]) -> dict[str, nn.Parameter]:

@@ -15,10 +15,11 @@ import torch
 import trio
 
 from p2pfed import aggregate, evaluate, trust, wire
-from p2pfed.config import Scheme, TrainingConfig, TrustConfig
-from p2pfed.data import PeerData, batches
-from p2pfed.model import AdapterHost, train_steps, trainable_copy
-from p2pfed.seeding import generator
+from p2pfed.config import ExpertsConfig, Method, TrainingConfig, TrustConfig
+from p2pfed.data import PeerData
+from p2pfed.experts import is_shared
+from p2pfed.model import AdapterHost, AdapterLayout, trainable_copy
+from p2pfed.training import make_trainer
 from p2pfed.transport import Endpoint
 
 log = logging.getLogger(__name__)
@@ -28,10 +29,12 @@ log = logging.getLogger(__name__)
 class PeerSpec:
     name: str
     neighbours: tuple[str, ...]
-    scheme: Scheme
+    method: Method
+    layout: AdapterLayout
     seed: int
     training: TrainingConfig
     trust: TrustConfig
+    experts: ExpertsConfig = ExpertsConfig()
     encoding: str = "fp32"
     round_timeout_s: float = 30.0
     max_message_bytes: int = 256 * 1024 * 1024
@@ -113,14 +116,30 @@ class Peer:
 
     @property
     def communicates(self) -> bool:
-        return self.spec.scheme != "local" and bool(self.spec.neighbours)
+        return self.spec.method.shares_anything and bool(self.spec.neighbours)
+
+    @property
+    def flexible_rank(self) -> bool:
+        """Whether neighbours may hold other ranks than this peer (their factors are projected, not averaged)."""
+        return self.spec.method.aggregation != "average"
+
+    def expected_shapes(self, adapter: Mapping[str, torch.Tensor]) -> dict[str, tuple[int | None, ...]]:
+        """The shared tensors a neighbour's update must hold; the rank dimension is free when ranks may differ."""
+        shapes: dict[str, tuple[int | None, ...]] = {}
+        for name, tensor in adapter.items():
+            if not is_shared(name):
+                continue
+            shape: tuple[int | None, ...] = tuple(tensor.shape)
+            if self.flexible_rank:
+                shape = (None, shape[1]) if name.endswith("lora_A") else (shape[0], None)
+            shapes[name] = shape
+        return shapes
 
     async def run(self) -> PeerResult:
         spec, training = self.spec, self.spec.training
         adapter = trainable_copy(self.initial_adapter)
-        optimizer = torch.optim.AdamW(adapter.values(), lr=training.lr, weight_decay=training.weight_decay)
-        stream = batches(self.data.train, training.batch_size, generator(spec.seed, "batches", spec.name))
-        expected_shapes = {name: tuple(t.shape) for name, t in adapter.items()}
+        trainer = make_trainer(self.host, adapter, self.data, training, spec.experts, spec.seed, spec.name)
+        expected_shapes = self.expected_shapes(adapter)
         inbox = UpdateInbox(max_ahead=2)
         result = PeerResult(spec.name)
         steps = 0
@@ -132,7 +151,7 @@ class Peer:
                                                  online=False))
                 await trio.sleep(0)
                 continue
-            train_loss = train_steps(self.host, adapter, optimizer, stream, training.local_steps)
+            train_loss = trainer.train(training.local_steps)
             steps += training.local_steps
             weights: dict[str, float] = {}
             missing: tuple[str, ...] = ()
@@ -155,7 +174,7 @@ class Peer:
     async def _send(self, adapter, round_index: int) -> None:
         message = wire.UpdateMessage(
             sender=self.spec.name, round=round_index,
-            tensors={name: p.detach() for name, p in adapter.items()},
+            tensors={name: p.detach() for name, p in adapter.items() if is_shared(name)},
             degree=len(self.spec.neighbours), num_samples=int(self.data.train.numel()),
         )
         payload = wire.encode_update(message, self.spec.encoding)
@@ -163,7 +182,7 @@ class Peer:
             await self.endpoint.send(neighbour, payload)
 
     async def _collect(self, inbox: "UpdateInbox", round_index: int,
-                       expected_shapes: Mapping[str, tuple[int, ...]]) -> None:
+                       expected_shapes: Mapping[str, tuple[int | None, ...]]) -> None:
         """Take updates until every neighbour's round update is in, or the deadline passes."""
         neighbours = set(self.spec.neighbours)
         limits = wire.WireLimits(max_bytes=self.spec.max_message_bytes)
@@ -175,7 +194,9 @@ class Peer:
                     continue
                 try:
                     message = wire.decode_update(payload, expected_shapes, limits)
-                except wire.WireError as error:
+                    if self.flexible_rank:
+                        aggregate.lora_pairs(message.tensors, self.host.scale)  # ranks of A and B agree
+                except (wire.WireError, ValueError) as error:
                     log.error("%s: dropped a bad update from %s: %s", self.spec.name, sender, error)
                     continue
                 if message.sender != sender:
@@ -187,42 +208,62 @@ class Peer:
                                 sender, message.round, round_index)
 
     def _weights(self, adapter, received: Mapping[str, wire.UpdateMessage]) -> dict[str, float]:
-        spec, cfg = self.spec, self.spec.trust
+        spec, cfg, scheme = self.spec, self.spec.trust, self.spec.method.trust
         names = sorted(received)
-        if spec.scheme == "fedavg":
+        if scheme == "fedavg":
             if cfg.fedavg_weights == "metropolis_hastings":
                 return trust.metropolis_hastings_weights(spec.name, len(spec.neighbours),
                                                          {n: received[n].degree for n in names})
             return trust.uniform_weights(spec.name, names)
-        if spec.scheme == "oracle":
+        if scheme == "oracle":
             mixtures = spec.oracle_mixtures or {}
             return trust.oracle_weights(spec.name, {n: mixtures[n] for n in [spec.name, *names]})
         if not names:
             return {spec.name: 1.0}
         own = {name: p.detach() for name, p in adapter.items()}
-        candidates = {spec.name: own, **{n: received[n].tensors for n in names}}
-        if spec.scheme == "weights":
-            reference = self.initial_adapter if cfg.weights_compare == "update" else None
-            scores = trust.cosine_scores(own, {n: received[n].tensors for n in names}, spec.name, reference)
+        if scheme == "weights":
+            scores = self._weight_scores(own, received)
             tau = cfg.temperature.weights
-        elif spec.scheme == "validation":
-            scores = evaluate.validation_scores(self.host, candidates, self.data.val)
-            tau = cfg.temperature.validation
-        elif spec.scheme == "predictions":
-            scores = evaluate.predictions_scores(self.host, spec.name, candidates, self.data.val,
-                                                 cfg.predictions_top_k, cfg.predictions_distance)
-            tau = cfg.temperature.predictions
         else:
-            raise ValueError(f"unknown trust scheme {spec.scheme!r}")
+            # A neighbour's model on this peer's data: its shared tensors (at its own rank) over this
+            # peer's local ones (the specialists and router of an expert layer).
+            candidates = {spec.name: own, **{n: {**own, **received[n].tensors} for n in names}}
+            if scheme == "validation":
+                scores = evaluate.validation_scores(self.host, candidates, self.data.val)
+                tau = cfg.temperature.validation
+            elif scheme == "predictions":
+                scores = evaluate.predictions_scores(self.host, spec.name, candidates, self.data.val,
+                                                     cfg.predictions_top_k, cfg.predictions_distance)
+                tau = cfg.temperature.predictions
+            else:
+                raise ValueError(f"unknown trust scheme {scheme!r}")
         return trust.softmax_weights(scores, spec.name, tau, cfg.top_k, cfg.threshold)
 
+    def _weight_scores(self, own, received: Mapping[str, wire.UpdateMessage]) -> dict[str, float]:
+        shared = {n: t for n, t in own.items() if is_shared(n)}
+        if self.flexible_rank:
+            # Factors of different ranks live in different bases: compare the full updates s B A.
+            return trust.product_cosine_scores(
+                aggregate.lora_pairs(shared, self.host.scale),
+                {n: aggregate.lora_pairs(m.tensors, self.host.scale) for n, m in received.items()}, self.spec.name)
+        reference = None
+        if self.spec.trust.weights_compare == "update":
+            reference = {n: t for n, t in self.initial_adapter.items() if is_shared(n)}
+        return trust.cosine_scores(shared, {n: m.tensors for n, m in received.items()}, self.spec.name, reference)
+
     def _aggregate(self, adapter, received: Mapping[str, wire.UpdateMessage], weights: Mapping[str, float]) -> None:
-        states = {self.spec.name: {name: p.detach() for name, p in adapter.items()}}
+        own = {name: p.detach() for name, p in adapter.items() if is_shared(name)}
+        states = {self.spec.name: own}
         states.update({n: received[n].tensors for n in received if weights.get(n, 0.0) > 0})
-        merged = aggregate.weighted_average(states, weights)
+        weights = {n: w for n, w in weights.items() if n in states}
+        if self.flexible_rank:
+            merged = aggregate.project_adapter(states, weights, self.spec.name, self.host.scale,
+                                               self.spec.method.aggregation)
+        else:
+            merged = aggregate.weighted_average(states, weights)
         with torch.no_grad():
-            for name, parameter in adapter.items():
-                parameter.copy_(merged[name])  # in place: the AdamW state stays attached and local
+            for name, tensor in merged.items():
+                adapter[name].copy_(tensor)  # in place: the optimizer state stays attached and local
 
     def _test_ppl(self, adapter) -> float:
         return evaluate.perplexity(self.host, adapter, self.data.test)

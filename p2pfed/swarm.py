@@ -7,15 +7,15 @@ graph and the same shared adapter init, so schemes differ only in how peers trus
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import networkx as nx
 import trio
 import trio.testing
 
-from p2pfed.config import ExperimentConfig, Scheme
+from p2pfed.config import ExperimentConfig, Method, parse_method
 from p2pfed.data import PeerData, load_group_texts, make_peer_data, tokenize_groups
-from p2pfed.model import AdapterHost, BaseModel, attach_lora, load_base_model
+from p2pfed.model import AdapterHost, AdapterLayout, BaseModel, attach_adapters, load_base_model
 from p2pfed.peer import Peer, PeerResult, PeerSpec, RoundRecord
 from p2pfed.seeding import derive_seed
 from p2pfed.topology import build_graph, neighbours, peer_name
@@ -26,27 +26,43 @@ RoundCallback = Callable[[str, RoundRecord], None]
 
 @dataclass
 class Workspace:
-    """What all jobs of an experiment in one process share: the frozen model and the tokenized corpus."""
+    """What all jobs of an experiment in one process share: the frozen model and the tokenized corpus.
 
+    Hosts (the base with plain LoRA, or with expert layers) are built on first use; they share the
+    base model's frozen weights.
+    """
+
+    config: ExperimentConfig
     base: BaseModel
-    host: AdapterHost
     tokens: dict
+    _hosts: dict[bool, AdapterHost] = field(default_factory=dict)
+
+    @property
+    def host(self) -> AdapterHost:
+        """The plain-LoRA host."""
+        return self.host_for(experts=False)
+
+    def host_for(self, experts: bool) -> AdapterHost:
+        if experts not in self._hosts:
+            self._hosts[experts] = attach_adapters(self.base, self.config.lora,
+                                                   self.config.experts if experts else None)
+        return self._hosts[experts]
 
 
 def open_workspace(config: ExperimentConfig, log=print) -> Workspace:
     base = load_base_model(config.model, log=log)
-    host = attach_lora(base, config.lora)
     texts = load_group_texts(config.data.source, config.data.groups)
-    return Workspace(base=base, host=host, tokens=tokenize_groups(texts, base.tokenizer.encode))
+    return Workspace(config=config, base=base, tokens=tokenize_groups(texts, base.tokenizer.encode))
 
 
 @dataclass(frozen=True)
 class JobResult:
-    scheme: Scheme
+    scheme: str
     seed: int
     peers: dict[str, PeerResult]
     graph_edges: list[tuple[str, str]]
     groups: dict[str, str]  # each peer's dominant data group, for plots and the oracle row
+    profiles: dict[str, str]  # each peer's profile name
 
 
 def job_setup(config: ExperimentConfig, workspace: Workspace, seed: int) -> tuple[nx.Graph, list[PeerData]]:
@@ -55,12 +71,23 @@ def job_setup(config: ExperimentConfig, workspace: Workspace, seed: int) -> tupl
     return graph, data
 
 
-def peer_specs(config: ExperimentConfig, graph: nx.Graph, data: list[PeerData], scheme: Scheme,
+def peer_layout(config: ExperimentConfig, method: Method, index: int) -> AdapterLayout:
+    """Peer `index`'s adapter under `method`: its profile's rank and, for comigs methods, its specialists."""
+    profile = config.profile_of(index)
+    specialists = method.specialists
+    if specialists and profile.specialists is not None:
+        specialists = profile.specialists
+    return AdapterLayout(config.rank_of(index), method.generalists, specialists)
+
+
+def peer_specs(config: ExperimentConfig, graph: nx.Graph, data: list[PeerData], scheme: str,
                seed: int) -> list[PeerSpec]:
-    mixtures = {d.name: d.mixture for d in data} if scheme == "oracle" else None
+    method = parse_method(scheme)
+    mixtures = {d.name: d.mixture for d in data} if method.trust == "oracle" else None
     return [
         PeerSpec(
-            name=peer_name(i), neighbours=tuple(peer_name(j) for j in neighbours(graph, i)), scheme=scheme,
+            name=peer_name(i), neighbours=tuple(peer_name(j) for j in neighbours(graph, i)), method=method,
+            layout=peer_layout(config, method, i), experts=config.experts,
             seed=seed, training=config.training, trust=config.trust, encoding=config.network.encoding,
             round_timeout_s=config.network.round_timeout_s, max_message_bytes=config.network.max_message_bytes,
             oracle_mixtures=mixtures,
@@ -69,14 +96,15 @@ def peer_specs(config: ExperimentConfig, graph: nx.Graph, data: list[PeerData], 
     ]
 
 
-def run_job(config: ExperimentConfig, workspace: Workspace, scheme: Scheme, seed: int,
+def run_job(config: ExperimentConfig, workspace: Workspace, scheme: str, seed: int,
             on_round: RoundCallback | None = None) -> JobResult:
     graph, data = job_setup(config, workspace, seed)
     specs = peer_specs(config, graph, data, scheme, seed)
-    # Every peer starts from the same seeded adapter; the seed does not depend on the scheme.
-    initial = workspace.host.initial_adapter(derive_seed(seed, "shared-init"))
+    host = workspace.host_for(experts=specs[0].method.has_experts)
     network = InMemoryNetwork(config.network, derive_seed(seed, "net"))
-    peers = [Peer(spec, workspace.host, d, network.endpoint(spec.name), initial, on_round)
+    # Peers of one layout start from the same seeded adapter; the seed does not depend on the scheme.
+    peers = [Peer(spec, host, d, network.endpoint(spec.name),
+                  host.initial_adapter(derive_seed(seed, "shared-init"), spec.layout), on_round)
              for spec, d in zip(specs, data)]
     results: dict[str, PeerResult] = {}
 
@@ -92,6 +120,7 @@ def run_job(config: ExperimentConfig, workspace: Workspace, scheme: Scheme, seed
         scheme=scheme, seed=seed, peers={name: results[name] for name in sorted(results, key=_peer_order)},
         graph_edges=[(peer_name(u), peer_name(v)) for u, v in graph.edges()],
         groups={d.name: d.group for d in data},
+        profiles={peer_name(i): config.profile_of(i).name for i in range(config.num_peers)},
     )
 
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor
 
-from p2pfed.aggregate import check_same_layout
+from p2pfed.aggregate import LoraFactors, check_same_layout
 
 __all__ = [
     "softmax_weights",
@@ -22,6 +22,7 @@ __all__ = [
     "uniform_weights",
     "metropolis_hastings_weights",
     "cosine_scores",
+    "product_cosine_scores",
     "oracle_weights",
     "predictions_distance",
 ]
@@ -142,6 +143,36 @@ def cosine_scores(
         denominator = math.sqrt(own_sq) * math.sqrt(other_sq)
         cosine = dot / denominator if denominator > 0 else 0.0
         scores[peer] = min(1.0, max(-1.0, cosine))
+    return scores
+
+
+def product_cosine_scores(
+    own: Mapping[str, LoraFactors], others: Mapping[str, Mapping[str, LoraFactors]], self_name: str
+) -> dict[str, float]:
+    """Cosine similarity of the full updates s B A, over all layers, without forming them.
+
+    The one comparison defined across ranks (FlexLoRA): <s B A, t D C>_F = s t sum((B^T D) * (A C^T)).
+    Since every B starts at zero, s B A is also the update since the shared init.
+    """
+    if self_name in others:
+        raise ValueError(f"others must not include the peer itself ({self_name!r})")
+
+    def inner(x: Mapping[str, LoraFactors], y: Mapping[str, LoraFactors]) -> float:
+        total = 0.0
+        for prefix, f in x.items():
+            g = y[prefix]
+            ab = f.B.double().T @ g.B.double()
+            aa = f.A.double() @ g.A.double().T
+            total += f.scale * g.scale * float((ab * aa).sum())
+        return total
+
+    own_sq = inner(own, own)
+    scores = {self_name: 1.0}
+    for peer, factors in others.items():
+        if set(factors) != set(own):
+            raise ValueError(f"adapter of {peer!r} adapts different layers")
+        denominator = math.sqrt(own_sq) * math.sqrt(inner(factors, factors))
+        scores[peer] = min(1.0, max(-1.0, inner(own, factors) / denominator)) if denominator > 0 else 0.0
     return scores
 
 

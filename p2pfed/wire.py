@@ -111,7 +111,7 @@ def encode_update(message: UpdateMessage, encoding: str = "fp32") -> bytes:
 
 def decode_update(
     data: bytes,
-    expected_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    expected_shapes: Mapping[str, tuple[int | None, ...]] | None = None,
     limits: WireLimits = WireLimits(),
 ) -> UpdateMessage:
     if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -225,14 +225,16 @@ def _parse_entry(name: Any, entry: Any, limits: WireLimits) -> tuple[str, torch.
     return name, dtype, tuple(shape), raw
 
 
-def _check_expected(specs: list, expected_shapes: Mapping[str, tuple[int, ...]]) -> None:
+def _check_expected(specs: list, expected_shapes: Mapping[str, tuple[int | None, ...]]) -> None:
     names = {name for name, *_ in specs}
     missing = sorted(set(expected_shapes) - names)
     unexpected = sorted(names - set(expected_shapes))
     if missing or unexpected:
         raise WireError(f"tensor names do not match: missing {_preview(missing)}, unexpected {_preview(unexpected)}")
     for name, _, shape, _ in specs:
-        if shape != tuple(expected_shapes[name]):
+        expected = tuple(expected_shapes[name])
+        # None leaves a dimension free: a neighbour's LoRA rank when ranks may differ (FlexLoRA).
+        if len(shape) != len(expected) or any(e is not None and e != d for e, d in zip(expected, shape)):
             raise WireError(f"tensor {name!r} has shape {list(shape)}, expected {list(expected_shapes[name])}")
 
 

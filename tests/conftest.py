@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import trio
+import trio.testing
 
 from p2pfed.config import load_experiment
 from p2pfed.swarm import open_workspace
@@ -26,3 +28,21 @@ def small_config(*overrides: str):
 @pytest.fixture(scope="session")
 def workspace():
     return open_workspace(small_config(), log=lambda *_: None)
+
+
+def run_peer_fed_by(network, peer, feed):
+    """Run `peer` on the in-memory `network` while `await feed()` sends it messages; its PeerResult.
+
+    Runs on a virtual clock, so the peer's round deadline costs no wall time.
+    """
+    result = {}
+
+    async def main():
+        async with network.running(), trio.open_nursery() as nursery:
+            async def run_peer():
+                result["peer"] = await peer.run()
+            nursery.start_soon(run_peer)
+            await feed()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    return result["peer"]

@@ -1,6 +1,6 @@
 import pytest
 
-from p2pfed.config import ConfigError, ExperimentConfig, load_experiment, parse_override
+from p2pfed.config import ConfigError, ExperimentConfig, Method, load_experiment, parse_method, parse_override
 
 
 def test_defaults_validate():
@@ -27,7 +27,11 @@ def test_unknown_key_names_its_path(tmp_path):
     ("training.rounds=1.5", r"training\.rounds: expected an integer"),
     ("training.rounds=true", r"training\.rounds: expected an integer"),
     ("training.lr=\"fast\"", r"training\.lr: expected a number"),
-    ('schemes=["local", "magic"]', r"schemes\[1\]: 'magic' is not one of"),
+    ('schemes=["local", "magic"]', r"schemes: unknown scheme 'magic'"),
+    ('schemes=["flexlora:magic"]', r"schemes: unknown scheme 'flexlora:magic'"),
+    ('schemes=["comigs-1g1s:local"]', r"schemes: unknown scheme"),
+    ('profiles=[{rank=4}, {rank=8}]', r"schemes: 'fedavg' averages A and B, which needs one LoRA rank"),
+    ('experts.router_every=0', r"experts\.router_every: must be at least 1"),
     ('schemes=["local", "local"]', r"schemes: lists a scheme twice"),
     ("data.split=\"random\"", r"data\.split: 'random' is not one of"),
     ("trust.temperature.validation=0", r"trust\.temperature\.validation: must be positive"),
@@ -69,3 +73,30 @@ def test_missing_and_invalid_files(tmp_path):
     bad.write_text("this is = = not toml")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_experiment(bad)
+
+
+def test_methods_parse_into_trust_aggregation_and_experts():
+    assert parse_method("fedavg") == Method("fedavg", trust="fedavg")
+    assert parse_method("flexlora") == Method("flexlora", trust="fedavg", aggregation="flexlora")
+    assert parse_method("zero-padded:validation").aggregation == "zero_padded"
+    comigs = parse_method("comigs-1g1s:predictions")
+    assert (comigs.trust, comigs.generalists, comigs.specialists) == ("predictions", 1, 1)
+    assert not parse_method("comigs-2s").shares_anything  # nothing shared: it never sends
+    assert parse_method("comigs-2g").shares_anything
+
+
+def test_mixed_ranks_refuse_expert_methods_and_plain_averaging_but_not_flexlora():
+    mixed = ["profiles=[{rank=4}, {rank=16}]"]
+    with pytest.raises(ConfigError, match="needs one rank on every peer"):
+        load_experiment(None, [*mixed, 'schemes=["comigs-1g1s"]'])
+    config = load_experiment(None, [*mixed, 'schemes=["local", "flexlora", "flexlora:predictions", "zero-padded"]'])
+    assert [config.rank_of(i) for i in range(4)] == [4, 16, 4, 16]
+
+
+def test_profiles_load_from_peer_files_named_after_them(tmp_path):
+    (tmp_path / "small.toml").write_text("rank = 2\n")
+    path = tmp_path / "x.toml"
+    path.write_text('num_peers = 3\nprofiles = ["small.toml", {name = "big", rank = 8}]\nschemes = ["flexlora"]\n')
+    config = load_experiment(path)
+    assert [config.profile_of(i).name for i in range(3)] == ["small", "big", "small"]
+    assert [config.rank_of(i) for i in range(3)] == [2, 8, 2]

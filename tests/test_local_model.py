@@ -33,7 +33,7 @@ def test_a_local_directory_loads_with_its_tokenizer_and_takes_lora(llama_dir):
     assert len(ids) == 11 and 0 not in ids
     assert base.tokenizer.decode(ids).replace(" ", "") == "helloworld"
     host = attach_lora(base, LoraConfig(rank=4))
-    targeted = {name.split(".")[-2] for name in host.shapes}
+    targeted = {name.split(".")[-2] for name in host.shapes()}
     assert targeted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     blocks = torch.tensor([base.tokenizer.encode("the quick brown fox jumps")[:16]])
     assert perplexity(host, host.initial_adapter(0), blocks) > 1.0
@@ -42,7 +42,7 @@ def test_a_local_directory_loads_with_its_tokenizer_and_takes_lora(llama_dir):
 
 def test_chosen_target_modules_and_bad_ones(llama_dir):
     host = attach_lora(load_base_model(ModelConfig(source=str(llama_dir))), LoraConfig(rank=2, target_modules=("q_proj",)))
-    assert {name.split(".")[-2] for name in host.shapes} == {"q_proj"}
+    assert {name.split(".")[-2] for name in host.shapes()} == {"q_proj"}
     with pytest.raises(ConfigError, match="target_modules"):
         attach_lora(load_base_model(ModelConfig(source=str(llama_dir))), LoraConfig(target_modules=("nope",)))
 

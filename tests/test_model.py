@@ -11,7 +11,7 @@ def test_initial_adapter_is_seeded_and_b_starts_at_zero(workspace):
     a_names = [n for n in first if n.endswith("lora_A")]
     assert a_names and any(not torch.equal(first[n], other[n]) for n in a_names)
     assert all(not first[n].any() for n in first if n.endswith("lora_B"))
-    assert host.shapes == {n: tuple(t.shape) for n, t in first.items()}
+    assert host.shapes() == {n: tuple(t.shape) for n, t in first.items()}
 
 
 def test_using_points_the_model_at_the_adapter_and_restores_it(workspace):

@@ -4,17 +4,15 @@ import logging
 
 import pytest
 import torch
-import trio
-import trio.testing
 
 from p2pfed import wire
 from p2pfed.data import make_peer_data
 from p2pfed.peer import Peer, PeerSpec
 from p2pfed.report import same_group_trust, summarize
 from p2pfed.swarm import run_job
-from p2pfed.config import NetworkConfig
+from p2pfed.config import NetworkConfig, parse_method
 from p2pfed.transport import InMemoryNetwork
-from tests.conftest import small_config
+from tests.conftest import run_peer_fed_by, small_config
 
 
 def final_ppls(job):
@@ -79,8 +77,8 @@ def test_bad_messages_are_logged_and_dropped(workspace, caplog):
     data = make_peer_data(workspace.tokens, 4, config.data, seed=0)[0]
     initial = host.initial_adapter(0)
     network = InMemoryNetwork(NetworkConfig(), seed=0)
-    spec = PeerSpec(name="peer0", neighbours=("peer1",), scheme="fedavg", seed=0, training=config.training,
-                    trust=config.trust)
+    spec = PeerSpec(name="peer0", neighbours=("peer1",), method=parse_method("fedavg"), layout=host.layout(),
+                    seed=0, training=config.training, trust=config.trust)
     peer = Peer(spec, host, data, network.endpoint("peer0"), initial)
     neighbour, stranger = network.endpoint("peer1"), network.endpoint("peer9")
     good = {n: t + 1.0 for n, t in initial.items()}
@@ -91,27 +89,21 @@ def test_bad_messages_are_logged_and_dropped(workspace, caplog):
     def message(tensors, sender="peer1"):
         return wire.encode_update(wire.UpdateMessage(sender=sender, round=1, tensors=tensors))
 
-    result = {}
-
-    async def main():
-        async with network.running(), trio.open_nursery() as nursery:
-            async def run_peer():
-                result["peer"] = await peer.run()
-            nursery.start_soon(run_peer)
-            await stranger.send("peer0", message(good, "peer9"))
-            await neighbour.send("peer0", b"\x00garbage")
-            await neighbour.send("peer0", message(good)[:-10])
-            await neighbour.send("peer0", message(wrong_shape))
-            try:
-                await neighbour.send("peer0", message(nan))
-            except wire.WireError:  # the encoder refuses NaN too; bypass it like a hostile peer would
-                pass
-            await neighbour.send("peer0", message(good, sender="peer2"))  # claims another identity
-            await neighbour.send("peer0", message(good))
+    async def feed():
+        await stranger.send("peer0", message(good, "peer9"))
+        await neighbour.send("peer0", b"\x00garbage")
+        await neighbour.send("peer0", message(good)[:-10])
+        await neighbour.send("peer0", message(wrong_shape))
+        try:
+            await neighbour.send("peer0", message(nan))
+        except wire.WireError:  # the encoder refuses NaN too; bypass it like a hostile peer would
+            pass
+        await neighbour.send("peer0", message(good, sender="peer2"))  # claims another identity
+        await neighbour.send("peer0", message(good))
 
     with caplog.at_level(logging.WARNING, logger="p2pfed.peer"):
-        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
-    record = result["peer"].rounds[1]
+        result = run_peer_fed_by(network, peer, feed)
+    record = result.rounds[1]
     assert record.missing == () and record.trust == {"peer0": 0.5, "peer1": 0.5}
     text = caplog.text
     assert "from peer9, which is not a neighbour" in text
