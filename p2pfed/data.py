@@ -214,13 +214,81 @@ def _check_enough(blocks: Mapping[str, torch.Tensor], counts: list[dict[str, dic
     )
 
 
-def batches(blocks: torch.Tensor, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """Endless mini-batches; each epoch visits every block once in a fresh order (the last batch may be short)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if len(blocks) == 0:
-        raise ValueError("batches() needs at least one block")
-    while True:
-        perm = torch.randperm(len(blocks), generator=generator).to(blocks.device)
-        for start in range(0, len(blocks), batch_size):
-            yield blocks[perm[start:start + batch_size]]
+@dataclass(frozen=True, eq=False)  # eq=False: tensors have no single truth value to compare by
+class BatchStreamState:
+    """Where a BatchStream stands: enough to continue its exact batch sequence in another process."""
+
+    generator: torch.Tensor  # the stream's torch.Generator state (uint8), after drawing `permutation`
+    permutation: torch.Tensor | None  # the current epoch's block order (int64, CPU); None before the first batch
+    position: int  # index in `permutation` of the next batch's first block
+    num_blocks: int  # checked on restore: a state only fits a stream over as many blocks
+
+    def __post_init__(self) -> None:
+        # Checked here so that a damaged checkpoint fails when it is read, not batches later.
+        if self.generator.dtype != torch.uint8 or self.generator.dim() != 1:
+            raise ValueError("BatchStreamState.generator must be a 1-D uint8 tensor (torch.Generator.get_state())")
+        if not (isinstance(self.position, int) and isinstance(self.num_blocks, int)):
+            raise ValueError("BatchStreamState.position and num_blocks must be integers")
+        if self.num_blocks < 1:
+            raise ValueError(f"BatchStreamState.num_blocks must be at least 1, got {self.num_blocks}")
+        if self.permutation is None:
+            if self.position != 0:
+                raise ValueError("BatchStreamState.position must be 0 before the first epoch")
+            return
+        if (self.permutation.dtype != torch.int64 or self.permutation.shape != (self.num_blocks,)
+                or not torch.equal(self.permutation.sort().values, torch.arange(self.num_blocks))):
+            raise ValueError(f"BatchStreamState.permutation must be a permutation of {self.num_blocks} block indices")
+        if not 0 <= self.position <= self.num_blocks:
+            raise ValueError(f"BatchStreamState.position {self.position} is outside 0..{self.num_blocks}")
+
+
+class BatchStream(Iterator[torch.Tensor]):
+    """Endless mini-batches; each epoch visits every block once in a fresh order (the last batch may be short).
+
+    Resumable: `state()` snapshots it and `restore()` continues the same sequence, so a restarted peer trains
+    on the batches it would have seen. The stream owns `generator`: drawing from it elsewhere changes the order.
+    """
+
+    def __init__(self, blocks: torch.Tensor, batch_size: int, generator: torch.Generator):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if len(blocks) == 0:
+            raise ValueError("batches() needs at least one block")
+        self.blocks, self.batch_size, self.generator = blocks, batch_size, generator
+        self._permutation: torch.Tensor | None = None  # on blocks.device; drawn lazily, as the old generator did
+        self._position = 0
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self._permutation is None or self._position >= len(self.blocks):
+            # Drawn at the first batch of an epoch, not after the last of the previous one: the same
+            # generator draws as the generator function this replaces, hence the same batches.
+            self._permutation = torch.randperm(len(self.blocks), generator=self.generator).to(self.blocks.device)
+            self._position = 0
+        start = self._position
+        self._position += self.batch_size
+        return self.blocks[self._permutation[start:self._position]]
+
+    def state(self) -> BatchStreamState:
+        permutation = None if self._permutation is None else self._permutation.to("cpu", copy=True)
+        return BatchStreamState(self.generator.get_state(), permutation, min(self._position, len(self.blocks)),
+                                len(self.blocks))
+
+    def restore(self, state: BatchStreamState) -> None:
+        """Continue from `state` (taken from a stream over the same blocks); sets the generator's state too."""
+        if state.num_blocks != len(self.blocks):
+            raise ValueError(f"cannot restore a batch stream over {state.num_blocks} blocks into one over "
+                             f"{len(self.blocks)} blocks")
+        try:
+            self.generator.set_state(state.generator.clone())
+        except RuntimeError as error:
+            raise ValueError(f"BatchStreamState.generator does not fit this generator: {error}") from error
+        self._permutation = None if state.permutation is None else state.permutation.to(self.blocks.device, copy=True)
+        self._position = state.position
+
+
+def batches(blocks: torch.Tensor, batch_size: int, generator: torch.Generator) -> BatchStream:
+    """Endless, resumable mini-batches over `blocks` (see BatchStream)."""
+    return BatchStream(blocks, batch_size, generator)

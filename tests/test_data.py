@@ -221,3 +221,86 @@ def test_batches_visit_each_block_once_per_epoch_and_reshuffle():
     assert epochs[0] != epochs[1] or epochs[1] != epochs[2]
     again = batches(blocks, 4, torch.Generator().manual_seed(0))
     assert torch.cat(list(itertools.islice(again, 3)))[:, 0].tolist() == epochs[0]
+
+
+# ---------------------------------------------------------------------------
+# Resumable mini-batch streams.
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from p2pfed.data import BatchStream, BatchStreamState
+
+
+def old_batches(blocks, batch_size, generator):
+    """The generator function BatchStream replaced, kept verbatim: the batch sequence must not change."""
+    while True:
+        perm = torch.randperm(len(blocks), generator=generator).to(blocks.device)
+        for start in range(0, len(blocks), batch_size):
+            yield blocks[perm[start:start + batch_size]]
+
+
+def ids_of(stream, count):
+    return [b[:, 0].tolist() for b in itertools.islice(stream, count)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 13), st.integers(1, 6), st.integers(0, 2**32), st.integers(0, 40))
+def test_batch_stream_matches_the_old_generator(num_blocks, batch_size, seed, count):
+    blocks = torch.arange(num_blocks).unsqueeze(1).repeat(1, 2)
+    stream = batches(blocks, batch_size, torch.Generator().manual_seed(seed))
+    assert isinstance(stream, BatchStream) and iter(stream) is stream
+    assert ids_of(stream, count) == ids_of(old_batches(blocks, batch_size, torch.Generator().manual_seed(seed)), count)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 13), st.integers(1, 6), st.integers(0, 2**32), st.integers(0, 30), st.integers(1, 30))
+def test_batch_stream_resumes_anywhere(num_blocks, batch_size, seed, before, after):
+    blocks = torch.arange(num_blocks).unsqueeze(1)
+    stream = BatchStream(blocks, batch_size, torch.Generator().manual_seed(seed))
+    ids_of(stream, before)
+    state = stream.state()
+    expected = ids_of(stream, after)
+    # A fresh stream, as in a restarted process: another seed, so only the restored state can explain a match.
+    fresh = BatchStream(blocks, batch_size, torch.Generator().manual_seed(seed + 1))
+    fresh.restore(state)
+    assert ids_of(fresh, after) == expected
+    stream.restore(state)  # the state is a snapshot: the stream it came from moved on, it did not
+    assert ids_of(stream, after) == expected
+
+
+def test_batch_stream_state_before_the_first_batch_and_at_an_epoch_end():
+    blocks = torch.arange(6).unsqueeze(1)
+    stream = BatchStream(blocks, 4, torch.Generator().manual_seed(3))
+    start = stream.state()
+    assert start.permutation is None and start.position == 0 and start.num_blocks == 6
+    ids_of(stream, 2)  # 4 + 2: the epoch is used up, the next permutation not yet drawn
+    end = stream.state()
+    assert end.position == 6 and sorted(end.permutation.tolist()) == list(range(6))
+    assert end.generator.dtype == torch.uint8 and end.permutation.dtype == torch.int64
+
+
+def test_batch_stream_validation():
+    blocks = torch.arange(5).unsqueeze(1)
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        batches(blocks, 0, torch.Generator())
+    with pytest.raises(ValueError, match="at least one block"):
+        batches(blocks[:0], 2, torch.Generator())
+    state = BatchStream(blocks, 2, torch.Generator()).state()
+    with pytest.raises(ValueError, match="over 5 blocks into one over 4 blocks"):
+        BatchStream(blocks[:4], 2, torch.Generator()).restore(state)
+    good = torch.arange(5)
+    for bad in [{"permutation": torch.tensor([0, 1, 2, 3, 3])}, {"permutation": good[:4]},
+                {"permutation": good.int()}, {"permutation": good, "position": 6},
+                {"permutation": None, "position": 1}, {"generator": state.generator.long()}, {"position": 1.0}]:
+        with pytest.raises(ValueError, match="BatchStreamState"):
+            dataclasses.replace(state, **{"permutation": good, "position": 1, **bad})
+    with pytest.raises(ValueError, match="does not fit"):
+        BatchStream(blocks, 2, torch.Generator()).restore(dataclasses.replace(state, generator=state.generator[:10]))
+
+
+def test_batch_stream_state_is_frozen():
+    state = BatchStream(torch.arange(3).unsqueeze(1), 2, torch.Generator()).state()
+    assert isinstance(state, BatchStreamState)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        state.position = 1
