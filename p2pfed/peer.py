@@ -7,6 +7,7 @@ A peer knows its own data, its neighbours' names and what they sent; never the g
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -15,11 +16,12 @@ import torch
 import trio
 
 from p2pfed import aggregate, evaluate, trust, wire
+from p2pfed.checkpoint import CheckpointError, PeerCheckpoint, load_checkpoint, save_checkpoint
 from p2pfed.config import ExpertsConfig, Method, TrainingConfig, TrustConfig
 from p2pfed.data import PeerData
 from p2pfed.experts import is_shared
 from p2pfed.model import AdapterHost, AdapterLayout, trainable_copy
-from p2pfed.training import make_trainer
+from p2pfed.training import LocalTrainer, make_trainer
 from p2pfed.transport import Endpoint
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,10 @@ class PeerSpec:
     max_message_bytes: int = 256 * 1024 * 1024
     # Only the oracle baseline may know its neighbours' data mixtures; no real scheme uses them.
     oracle_mixtures: Mapping[str, Mapping[str, float]] | None = None
+    # Where the peer checkpoints, every `checkpoint_every` rounds and when stopped between rounds;
+    # a peer started with a state folder that holds a checkpoint resumes from it. None: no checkpoints.
+    state_dir: str | None = None
+    checkpoint_every: int = 1
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,14 @@ class PeerResult:
     @property
     def bytes_sent(self) -> int:
         return self.rounds[-1].bytes_sent if self.rounds else 0
+
+
+@dataclass(frozen=True)
+class PeerHooks:
+    """What a peer tells its owner as it runs (the swarm's progress bar, an embedding app's events)."""
+
+    on_round: Callable[[str, RoundRecord], None] | None = None  # (peer, record) after every round
+    on_update: Callable[[str, wire.UpdateMessage], None] | None = None  # (peer, update) for each accepted update
 
 
 class UpdateInbox:
@@ -106,13 +120,14 @@ class Peer:
 
     def __init__(self, spec: PeerSpec, host: AdapterHost, data: PeerData, endpoint: Endpoint,
                  initial_adapter: Mapping[str, torch.Tensor],
-                 on_round: Callable[[str, RoundRecord], None] | None = None):
+                 on_round: Callable[[str, RoundRecord], None] | None = None, hooks: PeerHooks | None = None):
         self.spec = spec
         self.host = host
         self.data = data
         self.endpoint = endpoint
         self.initial_adapter = initial_adapter
-        self.on_round = on_round
+        self.hooks = hooks or PeerHooks(on_round=on_round)
+        self.adapter: dict[str, torch.nn.Parameter] | None = None  # the live adapter, once run() has started
 
     @property
     def communicates(self) -> bool:
@@ -138,36 +153,96 @@ class Peer:
     async def run(self) -> PeerResult:
         spec, training = self.spec, self.spec.training
         adapter = trainable_copy(self.initial_adapter)
+        self.adapter = adapter
         trainer = make_trainer(self.host, adapter, self.data, training, spec.experts, spec.seed, spec.name)
         expected_shapes = self.expected_shapes(adapter)
         inbox = UpdateInbox(max_ahead=2)
         result = PeerResult(spec.name)
-        steps = 0
-        self._record(result, RoundRecord(0, 0, None, self._test_ppl(adapter), {}, (), 0))
-        for round_index in range(1, training.rounds + 1):
-            if not self.endpoint.online(round_index):
-                # Churn: the device is away for this round; neighbours go on without it.
-                self._record(result, RoundRecord(round_index, steps, None, None, {}, (), self.endpoint.bytes_sent,
-                                                 online=False))
-                await trio.sleep(0)
-                continue
-            train_loss = trainer.train(training.local_steps)
-            steps += training.local_steps
-            weights: dict[str, float] = {}
-            missing: tuple[str, ...] = ()
-            if self.communicates and steps > training.warmup_steps:
-                await self._send(adapter, round_index)
-                await self._collect(inbox, round_index, expected_shapes)
-                usable = inbox.for_round(round_index)
-                missing = tuple(n for n in spec.neighbours if n not in usable or usable[n].round != round_index)
-                weights = self._weights(adapter, usable)
-                self._aggregate(adapter, usable, weights)
-            evaluate_now = round_index % training.eval_every == 0 or round_index == training.rounds
-            test_ppl = self._test_ppl(adapter) if evaluate_now else None
-            self._record(result, RoundRecord(round_index, steps, train_loss, test_ppl, weights, missing,
-                                             self.endpoint.bytes_sent))
-            await trio.sleep(0)  # let other peers and the transport run between rounds
+        steps, saved_round = 0, 0
+        checkpoint = self._load_checkpoint()
+        if checkpoint is None:
+            self._record(result, RoundRecord(0, 0, None, self._test_ppl(adapter), {}, (), 0))
+        else:
+            steps, saved_round = checkpoint.steps, checkpoint.round
+            self._restore(checkpoint, adapter, trainer, result)
+        at_round_end = True
+        try:
+            for round_index in range(saved_round + 1, training.rounds + 1):
+                at_round_end = False
+                record = await self._round(round_index, adapter, trainer, inbox, expected_shapes, steps)
+                steps = record.steps
+                self._record(result, record)
+                at_round_end = True
+                if spec.state_dir and (round_index % spec.checkpoint_every == 0 or round_index == training.rounds):
+                    self._save(adapter, trainer, result, steps)
+                    saved_round = round_index
+                await trio.sleep(0)  # let other peers and the transport run between rounds
+        finally:
+            # Stopped between rounds: keep what the last rounds did. Stopped mid-round: the adapter holds a
+            # half-done round, so the last checkpoint (at most checkpoint_every rounds old) stands.
+            last = result.rounds[-1].round
+            if spec.state_dir and at_round_end and last > saved_round:
+                self._save(adapter, trainer, result, steps)
         return result
+
+    async def _round(self, round_index: int, adapter, trainer: LocalTrainer, inbox: "UpdateInbox",
+                     expected_shapes, steps: int) -> RoundRecord:
+        spec, training = self.spec, self.spec.training
+        if not self.endpoint.online(round_index):
+            # Churn: the device is away for this round; neighbours go on without it.
+            return RoundRecord(round_index, steps, None, None, {}, (), self.endpoint.bytes_sent, online=False)
+        train_loss = trainer.train(training.local_steps)
+        steps += training.local_steps
+        weights: dict[str, float] = {}
+        missing: tuple[str, ...] = ()
+        if self.communicates and steps > training.warmup_steps:
+            await self._send(adapter, round_index)
+            await self._collect(inbox, round_index, expected_shapes)
+            usable = inbox.for_round(round_index)
+            missing = tuple(n for n in spec.neighbours if n not in usable or usable[n].round != round_index)
+            weights = self._weights(adapter, usable)
+            self._aggregate(adapter, usable, weights)
+        evaluate_now = round_index % training.eval_every == 0 or round_index == training.rounds
+        test_ppl = self._test_ppl(adapter) if evaluate_now else None
+        return RoundRecord(round_index, steps, train_loss, test_ppl, weights, missing, self.endpoint.bytes_sent)
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def _identity(self) -> dict:
+        spec = self.spec
+        return {"peer": spec.name, "method": spec.method.name, "layout": dataclasses.asdict(spec.layout),
+                "seed": spec.seed}
+
+    def _load_checkpoint(self) -> PeerCheckpoint | None:
+        if not self.spec.state_dir:
+            return None
+        checkpoint = load_checkpoint(self.spec.state_dir)
+        if checkpoint is not None and checkpoint.meta.get("identity") != self._identity():
+            raise CheckpointError(
+                f"{self.spec.state_dir} holds the checkpoint of {checkpoint.meta.get('identity')}, not of "
+                f"{self._identity()}: give this peer its own state folder (or move that one away to start afresh)")
+        return checkpoint
+
+    def _restore(self, checkpoint: PeerCheckpoint, adapter, trainer: LocalTrainer, result: PeerResult) -> None:
+        with torch.no_grad():
+            for name, parameter in adapter.items():
+                parameter.copy_(checkpoint.tensors[name])
+        for name, optimizer in trainer.optimizers().items():
+            optimizer.load_state_dict(checkpoint.optimizers[name])
+        for name, stream in trainer.streams().items():
+            stream.restore(checkpoint.streams[name])
+        result.rounds.extend(RoundRecord(**{**r, "missing": tuple(r["missing"])}) for r in checkpoint.history)
+        log.info("%s: resumed from %s after round %d", self.spec.name, self.spec.state_dir, checkpoint.round)
+
+    def _save(self, adapter, trainer: LocalTrainer, result: PeerResult, steps: int) -> None:
+        save_checkpoint(self.spec.state_dir, PeerCheckpoint(
+            round=result.rounds[-1].round, steps=steps,
+            tensors={name: p.detach() for name, p in adapter.items()},
+            optimizers={name: o.state_dict() for name, o in trainer.optimizers().items()},
+            streams={name: s.state() for name, s in trainer.streams().items()},
+            trust=dict(result.final_trust), history=[dataclasses.asdict(r) for r in result.rounds],
+            meta={"identity": self._identity()},
+        ))
 
     # -- the steps of a round -------------------------------------------------------------
 
@@ -206,6 +281,8 @@ class Peer:
                 if not inbox.put(message, round_index):
                     log.warning("%s: dropped an update from %s for round %d (now round %d)", self.spec.name,
                                 sender, message.round, round_index)
+                elif self.hooks.on_update is not None:
+                    self.hooks.on_update(self.spec.name, message)
 
     def _weights(self, adapter, received: Mapping[str, wire.UpdateMessage]) -> dict[str, float]:
         spec, cfg, scheme = self.spec, self.spec.trust, self.spec.method.trust
@@ -270,5 +347,5 @@ class Peer:
 
     def _record(self, result: PeerResult, record: RoundRecord) -> None:
         result.rounds.append(record)
-        if self.on_round is not None:
-            self.on_round(self.spec.name, record)
+        if self.hooks.on_round is not None:
+            self.hooks.on_round(self.spec.name, record)

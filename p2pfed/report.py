@@ -7,9 +7,8 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-from p2pfed.config import ExperimentConfig, to_dict
-
-TRUST_SCHEMES = ("fedavg", "weights", "validation", "predictions", "oracle")
+from p2pfed.config import ExperimentConfig, parse_method, to_dict
+from p2pfed.topology import peer_index
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -23,7 +22,7 @@ def summarize(config: ExperimentConfig, results) -> dict:
         jobs = [r for r in results if r.scheme == scheme]
         finals = [p.final_test_ppl for job in jobs for p in job.peers.values()]
         mean, std = _mean_std(finals)
-        peers = sorted(jobs[0].peers, key=lambda n: int(n.removeprefix("peer")))
+        peers = sorted(jobs[0].peers, key=peer_index)
         per_peer = {name: statistics.fmean(job.peers[name].final_test_ppl for job in jobs) for name in peers}
         trust = {name: _mean_rows([job.peers[name].final_trust for job in jobs]) for name in peers}
         rounds = [r.round for r in jobs[0].peers[peers[0]].rounds if r.test_ppl is not None]
@@ -39,6 +38,7 @@ def summarize(config: ExperimentConfig, results) -> dict:
                          for job in jobs},
             "curve": {"round": rounds, "test_ppl_mean": curve},
             "missing_updates": sum(len(r.missing) for job in jobs for p in job.peers.values() for r in p.rounds),
+            "by_profile": _by_profile(jobs),
         }
     first = results[0]
     return {
@@ -46,12 +46,25 @@ def summarize(config: ExperimentConfig, results) -> dict:
         "config": to_dict(config),
         "seeds": list(config.seeds),
         "groups": first.groups,
+        "profiles": first.profiles,
         "edges": [list(edge) for edge in first.graph_edges],
     }
 
 
+def _by_profile(jobs) -> dict[str, dict[str, float]]:
+    """Test perplexity mean +- std over the peers of each profile (and seeds): who gains from whom."""
+    names = dict.fromkeys(jobs[0].profiles[p] for p in sorted(jobs[0].profiles, key=peer_index))
+    rows = {}
+    for profile in names:
+        values = [p.final_test_ppl for job in jobs for name, p in job.peers.items() if job.profiles[name] == profile]
+        mean, std = _mean_std(values)
+        rows[profile] = {"test_ppl_mean": mean, "test_ppl_std": std, "peers": len(values) // len(jobs)}
+    return rows
+
+
+
 def _mean_rows(rows: list[dict[str, float]]) -> dict[str, float]:
-    names = sorted({n for row in rows for n in row}, key=lambda n: int(n.removeprefix("peer")))
+    names = sorted({n for row in rows for n in row}, key=peer_index)
     return {n: statistics.fmean(row.get(n, 0.0) for row in rows) for n in names} if rows else {}
 
 
@@ -88,6 +101,30 @@ def print_table(summary: dict, console=None) -> None:
         table.add_row(name, f"{row['test_ppl_mean']:.3f} ± {row['test_ppl_std']:.3f}", gain,
                       "-" if share is None else f"{share:.2f}", f"{row['bytes_sent'] / 1e6:.2f}", style=style)
     console.print(table)
+    profiles = next(iter(schemes.values())).get("by_profile", {})
+    if len(profiles) > 1:
+        _print_profile_table(summary, console)
+
+
+def _print_profile_table(summary: dict, console) -> None:
+    from rich.table import Table
+
+    schemes = summary["schemes"]
+    profiles = list(next(iter(schemes.values()))["by_profile"])
+    table = Table(title="Test perplexity by peer profile, mean ± std over its peers and seeds")
+    table.add_column("scheme")
+    for profile in profiles:
+        count = next(iter(schemes.values()))["by_profile"][profile]["peers"]
+        table.add_column(f"{profile} ({count} peers)", justify="right")
+    for name, row in schemes.items():
+        best = {p: min(schemes, key=lambda s: schemes[s]["by_profile"][p]["test_ppl_mean"]) for p in profiles}
+        cells = []
+        for profile in profiles:
+            cell = row["by_profile"][profile]
+            text = f"{cell['test_ppl_mean']:.3f} ± {cell['test_ppl_std']:.3f}"
+            cells.append(f"[bold green]{text}[/]" if best[profile] == name else text)
+        table.add_row(name, *cells)
+    console.print(table)
 
 
 def draw_plots(summary: dict, run_dir: str | Path) -> list[Path]:
@@ -118,11 +155,12 @@ def _curves(summary, run_dir: Path, plt) -> Path:
 
 
 def _trust_schemes(summary) -> list[str]:
-    return [s for s in summary["schemes"] if s in TRUST_SCHEMES and any(summary["schemes"][s]["trust"].values())]
+    return [s for s in summary["schemes"]
+            if parse_method(s).shares_anything and any(summary["schemes"][s]["trust"].values())]
 
 
 def _peer_names(summary) -> list[str]:
-    return sorted(summary["groups"], key=lambda n: int(n.removeprefix("peer")))
+    return sorted(summary["groups"], key=peer_index)
 
 
 def _heatmaps(summary, run_dir: Path, plt) -> Path | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import networkx as nx
 import trio
@@ -18,7 +19,7 @@ from p2pfed.data import PeerData, load_group_texts, make_peer_data, tokenize_gro
 from p2pfed.model import AdapterHost, AdapterLayout, BaseModel, attach_adapters, load_base_model
 from p2pfed.peer import Peer, PeerResult, PeerSpec, RoundRecord
 from p2pfed.seeding import derive_seed
-from p2pfed.topology import build_graph, neighbours, peer_name
+from p2pfed.topology import build_graph, neighbours, peer_index, peer_name
 from p2pfed.transport import InMemoryNetwork
 
 RoundCallback = Callable[[str, RoundRecord], None]
@@ -81,7 +82,8 @@ def peer_layout(config: ExperimentConfig, method: Method, index: int) -> Adapter
 
 
 def peer_specs(config: ExperimentConfig, graph: nx.Graph, data: list[PeerData], scheme: str,
-               seed: int) -> list[PeerSpec]:
+               seed: int, state_root: Path | None = None) -> list[PeerSpec]:
+    """Each peer's spec; with `state_root`, peer i checkpoints to (and resumes from) state_root/peer<i>."""
     method = parse_method(scheme)
     mixtures = {d.name: d.mixture for d in data} if method.trust == "oracle" else None
     return [
@@ -91,15 +93,16 @@ def peer_specs(config: ExperimentConfig, graph: nx.Graph, data: list[PeerData], 
             seed=seed, training=config.training, trust=config.trust, encoding=config.network.encoding,
             round_timeout_s=config.network.round_timeout_s, max_message_bytes=config.network.max_message_bytes,
             oracle_mixtures=mixtures,
+            state_dir=str(state_root / peer_name(i)) if state_root is not None else None,
         )
         for i in range(config.num_peers)
     ]
 
 
 def run_job(config: ExperimentConfig, workspace: Workspace, scheme: str, seed: int,
-            on_round: RoundCallback | None = None) -> JobResult:
+            on_round: RoundCallback | None = None, state_root: Path | None = None) -> JobResult:
     graph, data = job_setup(config, workspace, seed)
-    specs = peer_specs(config, graph, data, scheme, seed)
+    specs = peer_specs(config, graph, data, scheme, seed, state_root)
     host = workspace.host_for(experts=specs[0].method.has_experts)
     network = InMemoryNetwork(config.network, derive_seed(seed, "net"))
     # Peers of one layout start from the same seeded adapter; the seed does not depend on the scheme.
@@ -115,18 +118,26 @@ def run_job(config: ExperimentConfig, workspace: Workspace, scheme: str, seed: i
                     nursery.start_soon(_run_into, peer, results)
 
     # A virtual clock that jumps whenever every peer waits: deadlines cost no wall time in simulation.
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    try:
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    except BaseExceptionGroup as group:
+        raise first_error(group) from group
     return JobResult(
-        scheme=scheme, seed=seed, peers={name: results[name] for name in sorted(results, key=_peer_order)},
+        scheme=scheme, seed=seed, peers={name: results[name] for name in sorted(results, key=peer_index)},
         graph_edges=[(peer_name(u), peer_name(v)) for u, v in graph.edges()],
         groups={d.name: d.group for d in data},
         profiles={peer_name(i): config.profile_of(i).name for i in range(config.num_peers)},
     )
 
 
+def first_error(group: BaseExceptionGroup) -> BaseException:
+    """The first leaf of trio's nested exception groups: a peer's own error, not the nurseries around it."""
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
 async def _run_into(peer: Peer, results: dict[str, PeerResult]) -> None:
     results[peer.spec.name] = await peer.run()
 
-
-def _peer_order(name: str) -> int:
-    return int(name.removeprefix("peer"))
