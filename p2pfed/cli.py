@@ -1,4 +1,4 @@
-"""`p2pfed run EXPERIMENT.toml [--set key=value ...]` and `p2pfed report RUN_DIR`."""
+"""`p2pfed run EXPERIMENT.toml`, `p2pfed peer PEER.toml` and `p2pfed report RUN_DIR`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
-from p2pfed.config import ConfigError, load_experiment
+from p2pfed.checkpoint import CheckpointError
+from p2pfed.config import ConfigError, load_experiment, load_peer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,6 +21,12 @@ def main(argv: list[str] | None = None) -> int:
                      help="override a config key, e.g. --set training.rounds=5 --set 'schemes=[\"local\"]'")
     run.add_argument("--out", help="the run folder (default: OUTPUT_DIR/NAME-TIMESTAMP)")
 
+    peer = commands.add_parser("peer", help="run one peer as its own process over libp2p")
+    peer.add_argument("config", help="a peer TOML file (name, scheme, listen, neighbours, state_dir, ...)")
+    peer.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config key, e.g. --set training.rounds=5")
+    peer.add_argument("--quiet", action="store_true", help="no line per round")
+
     show = commands.add_parser("report", help="print the table and redraw the plots of a finished run")
     show.add_argument("run_dir")
 
@@ -28,8 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args)
+        if args.command == "peer":
+            return _peer(args)
         return _report(args)
-    except ConfigError as error:
+    except (ConfigError, CheckpointError) as error:
         print(f"p2pfed: configuration error: {error}", file=sys.stderr)
         return 2
     except FileNotFoundError as error:
@@ -60,6 +69,61 @@ def _run(args) -> int:
     report.print_table(summary, console)
     console.print(f"results.json, events.jsonl and plots in {run_dir} ({summary['wall_time_s']:.0f} s)")
     return 0
+
+
+def _peer(args) -> int:
+    import trio
+
+    from p2pfed.experiment import quiet_transformers
+
+    config = load_peer(args.config, args.overrides)
+    quiet_transformers()
+    logging.getLogger("p2pfed").setLevel(logging.INFO)  # resumption, dropped updates, unreachable neighbours
+    return trio.run(_serve_peer, config, args.quiet)
+
+
+async def _serve_peer(config, quiet: bool) -> int:
+    """Run the peer until its last round, or until SIGTERM/SIGINT stops it (checkpointed; rerun to resume)."""
+    import signal
+
+    import trio
+
+    from p2pfed.node import Peer, RoundFinished
+
+    stopped = False
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            async def stop_on_signal() -> None:
+                nonlocal stopped
+                async for _ in signals:
+                    stopped = True
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(stop_on_signal)
+            async with Peer(config) as peer:
+                print(f"{config.name}: peer ID {peer.peer_id}, listening on {', '.join(peer.listen_addrs)}", flush=True)
+                if not quiet:
+                    nursery.start_soon(_print_rounds, peer, RoundFinished)
+                result = await peer.finished()
+                print(f"{config.name}: finished round {result.rounds[-1].round}, test perplexity "
+                      f"{result.final_test_ppl:.3f}", flush=True)
+            nursery.cancel_scope.cancel()
+    if stopped:
+        print(f"{config.name}: stopped; run the same command to resume from {config.state_dir or '(no state_dir)'}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _print_rounds(peer, round_finished) -> None:
+    async with peer.subscribe() as events:
+        async for event in events:
+            if isinstance(event, round_finished):
+                r = event.record
+                ppl = "-" if r.test_ppl is None else f"{r.test_ppl:.3f}"
+                missing = f", missing {', '.join(r.missing)}" if r.missing else ""
+                print(f"{peer.name}: round {r.round}, test ppl {ppl}{missing}", flush=True)
 
 
 def _report(args) -> int:

@@ -187,7 +187,9 @@ class ExperimentConfig:
     num_peers: int = 8
     seeds: tuple[int, ...] = (0,)
     schemes: tuple[str, ...] = ("local", "fedavg", "validation")  # see parse_method
-    runtime: Literal["inprocess"] = "inprocess"
+    # "inprocess": every peer in one process on an in-memory network (virtual clock);
+    # "libp2p": each peer its own `p2pfed peer` process, talking libp2p over loopback.
+    runtime: Literal["inprocess", "libp2p"] = "inprocess"
     workers: int = 1  # processes running (scheme, seed) jobs side by side
     output_dir: str = "runs"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -271,6 +273,78 @@ class ExperimentConfig:
                 raise ConfigError(
                     f"schemes: {method.name!r} averages A and B, which needs one LoRA rank, but the profiles give "
                     f"ranks {ranks}: use {flex!r} (or 'zero-padded', the naive baseline)")
+
+
+@dataclass(frozen=True)
+class NeighbourConfig:
+    name: str  # its peer name (peer0, peer1, ...), as in the swarm's results
+    peer_id: str  # its libp2p peer ID: Noise authenticates the connection against it
+    addrs: tuple[str, ...] = ()  # multiaddrs to dial it at; empty for a neighbour that dials this peer
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """One peer as its own process or inside an app (`p2pfed peer PEER.toml`, `async with Peer(config)`).
+
+    Its data is its share of a split: peer `name`'s blocks of the `data` split among `num_peers` with
+    `seed`. A peer with its own text alone sets data.source to its folder, one group, and num_peers = 1.
+    """
+
+    name: str = "peer0"
+    scheme: str = "validation"  # see parse_method
+    seed: int = 0  # the split, the shared adapter init and the batch order
+    num_peers: int = 1
+    profile: PeerProfile = field(default_factory=PeerProfile)
+    # Identity: a 32-byte key file (created if missing), else a key derived from identity_seed.
+    key_file: str = ""
+    identity_seed: int | None = None
+    listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
+    neighbours: tuple[NeighbourConfig, ...] = ()
+    # How long to wait at start for every neighbour to answer before round 1 (then go on without).
+    startup_timeout_s: float = 30.0
+    state_dir: str = ""  # checkpoints and results; empty: none (nothing survives a restart)
+    checkpoint_every: int = 1
+    threads: int = 1  # torch threads; 0 leaves torch's default
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    trust: TrustConfig = field(default_factory=TrustConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+
+    @property
+    def method(self) -> Method:
+        return parse_method(self.scheme)
+
+    def as_experiment(self) -> ExperimentConfig:
+        """The experiment this peer is one of: checks every shared section the same way."""
+        return ExperimentConfig(
+            num_peers=self.num_peers, seeds=(self.seed,), schemes=(self.scheme,), model=self.model,
+            lora=self.lora, experts=self.experts, profiles=(self.profile,), data=self.data,
+            training=self.training, trust=self.trust, network=self.network)
+
+    def validate(self) -> "PeerConfig":
+        from p2pfed.topology import peer_index
+
+        self.as_experiment().validate()
+        _check(peer_index(self.name) < self.num_peers, "name", f"must be one of peer0..peer{self.num_peers - 1}")
+        _check(self.checkpoint_every >= 1, "checkpoint_every", "must be at least 1")
+        _check(self.startup_timeout_s >= 0, "startup_timeout_s", "must not be negative")
+        _check(self.threads >= 0, "threads", "must not be negative")
+        names = [n.name for n in self.neighbours]
+        _check(len(set(names)) == len(names), "neighbours", "lists a neighbour twice")
+        _check(self.name not in names, "neighbours", "lists the peer itself")
+        return self
+
+
+def load_peer(path: str | Path | None = None, overrides: list[str] | None = None) -> PeerConfig:
+    data = load_toml(path) if path is not None else {}
+    data = apply_overrides(data, list(overrides or []))
+    base_dir = Path(path).resolve().parent if path is not None else Path.cwd()
+    if isinstance(data.get("profile"), str):
+        data["profile"] = resolve_profiles([data["profile"]], base_dir)[0]
+    return from_dict(PeerConfig, data).validate()
 
 
 def _check(ok: bool, key: str, message: str) -> None:

@@ -52,7 +52,18 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, progress: ProgressCa
     jobs = [(scheme, seed) for seed in config.seeds for scheme in config.schemes]
     results: list[JobResult] = []
     with open(run_dir / "events.jsonl", "w", encoding="utf-8") as events:
-        if config.workers == 1:
+        if config.runtime == "libp2p":
+            # Each job is already num_peers processes: jobs run one after another.
+            from p2pfed.launch import run_job_libp2p
+
+            workspace = open_workspace(config, log=log)
+            for scheme, seed in jobs:
+                label = job_label(scheme, seed)
+                results.append(run_job_libp2p(
+                    config, workspace, scheme, seed, run_dir,
+                    on_peer_done=lambda _name, label=label: progress and progress(label, config.training.rounds)))
+                _write_events(events, results[-1])
+        elif config.workers == 1:
             torch.set_num_threads(1)
             workspace = open_workspace(config, log=log)
             for scheme, seed in jobs:

@@ -115,7 +115,7 @@ class UpdateInbox:
         return chosen
 
 
-class Peer:
+class PeerLoop:
     """One participant. Construction stores references only; `run()` does the work."""
 
     def __init__(self, spec: PeerSpec, host: AdapterHost, data: PeerData, endpoint: Endpoint,

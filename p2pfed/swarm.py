@@ -14,10 +14,10 @@ import networkx as nx
 import trio
 import trio.testing
 
-from p2pfed.config import ExperimentConfig, Method, parse_method
+from p2pfed.config import ExperimentConfig, Method, PeerProfile, parse_method
 from p2pfed.data import PeerData, load_group_texts, make_peer_data, tokenize_groups
 from p2pfed.model import AdapterHost, AdapterLayout, BaseModel, attach_adapters, load_base_model
-from p2pfed.peer import Peer, PeerResult, PeerSpec, RoundRecord
+from p2pfed.peer import PeerLoop, PeerResult, PeerSpec, RoundRecord
 from p2pfed.seeding import derive_seed
 from p2pfed.topology import build_graph, neighbours, peer_index, peer_name
 from p2pfed.transport import InMemoryNetwork
@@ -72,13 +72,12 @@ def job_setup(config: ExperimentConfig, workspace: Workspace, seed: int) -> tupl
     return graph, data
 
 
-def peer_layout(config: ExperimentConfig, method: Method, index: int) -> AdapterLayout:
-    """Peer `index`'s adapter under `method`: its profile's rank and, for comigs methods, its specialists."""
-    profile = config.profile_of(index)
+def layout_for(method: Method, profile: PeerProfile, default_rank: int) -> AdapterLayout:
+    """A peer's adapter under `method`: its profile's rank and, for comigs methods, its specialists."""
     specialists = method.specialists
     if specialists and profile.specialists is not None:
         specialists = profile.specialists
-    return AdapterLayout(config.rank_of(index), method.generalists, specialists)
+    return AdapterLayout(profile.rank or default_rank, method.generalists, specialists)
 
 
 def peer_specs(config: ExperimentConfig, graph: nx.Graph, data: list[PeerData], scheme: str,
@@ -89,7 +88,7 @@ def peer_specs(config: ExperimentConfig, graph: nx.Graph, data: list[PeerData], 
     return [
         PeerSpec(
             name=peer_name(i), neighbours=tuple(peer_name(j) for j in neighbours(graph, i)), method=method,
-            layout=peer_layout(config, method, i), experts=config.experts,
+            layout=layout_for(method, config.profile_of(i), config.lora.rank), experts=config.experts,
             seed=seed, training=config.training, trust=config.trust, encoding=config.network.encoding,
             round_timeout_s=config.network.round_timeout_s, max_message_bytes=config.network.max_message_bytes,
             oracle_mixtures=mixtures,
@@ -106,7 +105,7 @@ def run_job(config: ExperimentConfig, workspace: Workspace, scheme: str, seed: i
     host = workspace.host_for(experts=specs[0].method.has_experts)
     network = InMemoryNetwork(config.network, derive_seed(seed, "net"))
     # Peers of one layout start from the same seeded adapter; the seed does not depend on the scheme.
-    peers = [Peer(spec, host, d, network.endpoint(spec.name),
+    peers = [PeerLoop(spec, host, d, network.endpoint(spec.name),
                   host.initial_adapter(derive_seed(seed, "shared-init"), spec.layout), on_round)
              for spec, d in zip(specs, data)]
     results: dict[str, PeerResult] = {}
@@ -138,6 +137,6 @@ def first_error(group: BaseExceptionGroup) -> BaseException:
     return error
 
 
-async def _run_into(peer: Peer, results: dict[str, PeerResult]) -> None:
+async def _run_into(peer: PeerLoop, results: dict[str, PeerResult]) -> None:
     results[peer.spec.name] = await peer.run()
 

@@ -13,7 +13,7 @@ from p2pfed.config import NetworkConfig, parse_method
 from p2pfed.data import make_peer_data
 from p2pfed.experts import is_shared
 from p2pfed.model import AdapterLayout
-from p2pfed.peer import Peer, PeerSpec
+from p2pfed.peer import PeerLoop, PeerSpec
 from p2pfed.swarm import job_setup, peer_specs, run_job
 from p2pfed.transport import InMemoryNetwork
 from tests.conftest import run_peer_fed_by, small_config
@@ -172,7 +172,7 @@ def test_a_neighbour_whose_factors_disagree_in_rank_is_dropped(workspace, caplog
     network = InMemoryNetwork(NetworkConfig(), seed=0)
     spec = PeerSpec(name="peer0", neighbours=("peer1",), method=parse_method("flexlora"), layout=layout, seed=0,
                     training=config.training, trust=config.trust)
-    peer = Peer(spec, host, data, network.endpoint("peer0"), initial)
+    peer = PeerLoop(spec, host, data, network.endpoint("peer0"), initial)
     neighbour = network.endpoint("peer1")
     good = host.initial_adapter(1, AdapterLayout(rank=2))
     a_name = next(n for n in good if n.endswith("lora_A"))

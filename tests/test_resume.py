@@ -9,7 +9,7 @@ import trio.testing
 from p2pfed.checkpoint import CheckpointError, load_checkpoint
 from p2pfed.config import NetworkConfig, parse_method
 from p2pfed.data import make_peer_data
-from p2pfed.peer import Peer, PeerSpec
+from p2pfed.peer import PeerLoop, PeerSpec
 from p2pfed.swarm import run_job
 from p2pfed.transport import InMemoryNetwork
 from tests.conftest import small_config
@@ -43,7 +43,7 @@ def test_a_peer_stopped_mid_round_keeps_its_last_complete_checkpoint(workspace, 
     def run_until(stop_at: float):
         network = InMemoryNetwork(NetworkConfig(), seed=0)
         network.endpoint("peer1")  # a neighbour that never sends: every round waits out its 10 s deadline
-        peer = Peer(spec, host, data, network.endpoint("peer0"), host.initial_adapter(0))
+        peer = PeerLoop(spec, host, data, network.endpoint("peer0"), host.initial_adapter(0))
         result = {}
 
         async def main():

@@ -7,7 +7,7 @@ import torch
 
 from p2pfed import wire
 from p2pfed.data import make_peer_data
-from p2pfed.peer import Peer, PeerSpec
+from p2pfed.peer import PeerLoop, PeerSpec
 from p2pfed.report import same_group_trust, summarize
 from p2pfed.swarm import run_job
 from p2pfed.config import NetworkConfig, parse_method
@@ -79,7 +79,7 @@ def test_bad_messages_are_logged_and_dropped(workspace, caplog):
     network = InMemoryNetwork(NetworkConfig(), seed=0)
     spec = PeerSpec(name="peer0", neighbours=("peer1",), method=parse_method("fedavg"), layout=host.layout(),
                     seed=0, training=config.training, trust=config.trust)
-    peer = Peer(spec, host, data, network.endpoint("peer0"), initial)
+    peer = PeerLoop(spec, host, data, network.endpoint("peer0"), initial)
     neighbour, stranger = network.endpoint("peer1"), network.endpoint("peer9")
     good = {n: t + 1.0 for n, t in initial.items()}
     name = next(iter(initial))

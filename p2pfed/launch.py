@@ -1,0 +1,125 @@
+"""The libp2p runtime of an experiment: each (scheme, seed) job as N `p2pfed peer` processes on loopback.
+
+The launcher writes one PEER.toml per peer (identity, port, neighbours' peer IDs and addresses, the
+experiment's sections), starts the processes, waits, and reads back each peer's result.json into the same
+JobResult the in-process runtime returns, so results.json and the plots are the same.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import tomli_w
+
+from p2pfed.config import ExperimentConfig, NeighbourConfig, PeerConfig, to_dict
+from p2pfed.seeding import derive_seed
+from p2pfed.swarm import JobResult, Workspace, job_setup
+from p2pfed.topology import neighbours, peer_name
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports free on loopback right now (held together while choosing, so they are distinct)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((LOOPBACK, 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def loopback_addr(port: int) -> str:
+    return f"/ip4/{LOOPBACK}/tcp/{port}"
+
+
+def peer_configs(config: ExperimentConfig, graph, scheme: str, seed: int, job_dir: Path,
+                 ports: list[int]) -> list[PeerConfig]:
+    """The experiment's job as one PeerConfig per peer. Identities come from seeds: loopback experiments only."""
+    from p2pfed.libp2p_transport import identity_from_seed, peer_id_of
+
+    identity_seeds = [derive_seed(seed, "identity", peer_name(i)) for i in range(config.num_peers)]
+    peer_ids = [peer_id_of(identity_from_seed(s)) for s in identity_seeds]
+    configs = []
+    for i in range(config.num_peers):
+        configs.append(PeerConfig(
+            name=peer_name(i), scheme=scheme, seed=seed, num_peers=config.num_peers, profile=config.profile_of(i),
+            identity_seed=identity_seeds[i], listen=(loopback_addr(ports[i]),),
+            neighbours=tuple(NeighbourConfig(peer_name(j), peer_ids[j], (loopback_addr(ports[j]),))
+                             for j in neighbours(graph, i)),
+            state_dir=str(job_dir / peer_name(i)), model=config.model, lora=config.lora, experts=config.experts,
+            data=config.data, training=config.training, trust=config.trust, network=config.network,
+        ))
+    return configs
+
+
+def write_peer_toml(config: PeerConfig, path: Path) -> None:
+    data = _without_none(to_dict(config))
+    path.write_text(tomli_w.dumps(data), encoding="utf-8")
+
+
+def _without_none(value):
+    # TOML has no null: an absent key takes the dataclass default, which is None for these fields.
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_none(v) for v in value]
+    return value
+
+
+def run_job_libp2p(config: ExperimentConfig, workspace: Workspace, scheme: str, seed: int, run_dir: Path,
+                   on_peer_done=None) -> JobResult:
+    """Run one job as N peer processes; raise RuntimeError (with the failing peer's log) if one fails."""
+    from p2pfed.node import RESULT_FILE, result_from_json
+
+    graph, data = job_setup(config, workspace, seed)
+    job_dir = run_dir / "libp2p" / f"{scheme.replace(':', '_')}-seed{seed}"
+    job_dir.mkdir(parents=True, exist_ok=True)
+    configs = peer_configs(config, graph, scheme, seed, job_dir, free_ports(config.num_peers))
+    processes = []
+    for peer in configs:
+        path = job_dir / f"{peer.name}.toml"
+        write_peer_toml(peer, path)
+        log_file = open(job_dir / f"{peer.name}.log", "w", encoding="utf-8")
+        command = [sys.executable, "-m", "p2pfed", "peer", str(path), "--quiet"]
+        processes.append((peer, subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT), log_file))
+    # Generous: every round may wait out its deadline, and each process imports torch and libp2p first.
+    limit = 120 + config.training.rounds * (config.network.round_timeout_s + 30)
+    started = time.monotonic()
+    try:
+        for peer, process, _ in processes:
+            remaining = max(1.0, limit - (time.monotonic() - started))
+            code = process.wait(timeout=remaining)
+            if code != 0:
+                tail = (job_dir / f"{peer.name}.log").read_text(encoding="utf-8")[-2000:]
+                raise RuntimeError(f"peer process {peer.name} of {scheme} seed {seed} exited with {code}:\n{tail}")
+            if on_peer_done is not None:
+                on_peer_done(peer.name)
+    finally:
+        for _, process, log_file in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            log_file.close()
+    peers = {}
+    for peer in configs:
+        result = json.loads((Path(peer.state_dir) / RESULT_FILE).read_text(encoding="utf-8"))
+        peers[peer.name] = result_from_json(result)
+    return JobResult(
+        scheme=scheme, seed=seed, peers=peers,
+        graph_edges=[(peer_name(u), peer_name(v)) for u, v in graph.edges()],
+        groups={d.name: d.group for d in data},
+        profiles={peer_name(i): config.profile_of(i).name for i in range(config.num_peers)},
+    )
+
+
+__all__ = ["free_ports", "peer_configs", "write_peer_toml", "run_job_libp2p"]

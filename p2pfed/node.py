@@ -1,0 +1,311 @@
+"""A peer on the real network, embeddable in any trio program.
+
+    async with Peer(config) as peer:              # loads the model, opens libp2p, starts the rounds
+        async with peer.subscribe() as events:
+            async for event in events:            # UpdateReceived, TrustChanged, RoundFinished
+                ...
+        text = peer.generate("Ciao, come")        # the current personalized model, any time
+        result = await peer.finished()            # every round's record
+
+The rounds run in a background task of the block; leaving the block stops them (a peer stopped between
+rounds checkpoints first) and closes the host. The loop is the same `PeerLoop` code the in-process
+swarm runs; only the endpoint differs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import trio
+from torch import nn
+
+from p2pfed import wire
+from p2pfed.config import ConfigError, PeerConfig
+from p2pfed.data import PeerData, load_group_texts, make_peer_data, tokenize_groups
+from p2pfed.model import AdapterHost, BaseModel, attach_adapters, load_base_model
+from p2pfed.peer import PeerHooks, PeerLoop, PeerResult, PeerSpec, RoundRecord
+from p2pfed.seeding import derive_seed
+from p2pfed.swarm import layout_for
+from p2pfed.topology import peer_index
+
+log = logging.getLogger(__name__)
+
+IDENTITY_FILE = "identity.key"
+RESULT_FILE = "result.json"
+
+
+# -- events --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class UpdateReceived:
+    sender: str
+    round: int
+
+
+@dataclass(frozen=True)
+class TrustChanged:
+    round: int
+    weights: dict[str, float]  # over the peer itself and the neighbours it aggregated
+
+
+@dataclass(frozen=True)
+class RoundFinished:
+    record: RoundRecord
+
+
+PeerEvent = UpdateReceived | TrustChanged | RoundFinished
+
+
+# -- what a peer needs before its first round ----------------------------------------------
+
+@dataclass
+class PreparedPeer:
+    base: BaseModel
+    host: AdapterHost
+    data: PeerData
+    spec: PeerSpec
+    initial_adapter: dict[str, torch.Tensor]
+
+
+def prepare_peer(config: PeerConfig) -> PreparedPeer:
+    """The blocking part of starting a peer: the frozen model, this peer's data share, its spec."""
+    method = config.method
+    index = peer_index(config.name)
+    base = load_base_model(config.model, log=log.info)
+    host = attach_adapters(base, config.lora, config.experts if method.has_experts else None)
+    texts = load_group_texts(config.data.source, config.data.groups)
+    data = make_peer_data(tokenize_groups(texts, base.tokenizer.encode), config.num_peers, config.data,
+                          config.seed)[index]
+    layout = layout_for(method, config.profile, config.lora.rank)
+    spec = PeerSpec(
+        name=config.name, neighbours=tuple(n.name for n in config.neighbours), method=method, layout=layout,
+        seed=config.seed, training=config.training, trust=config.trust, experts=config.experts,
+        encoding=config.network.encoding, round_timeout_s=config.network.round_timeout_s,
+        max_message_bytes=config.network.max_message_bytes, state_dir=config.state_dir or None,
+        checkpoint_every=config.checkpoint_every,
+    )
+    initial = host.initial_adapter(derive_seed(config.seed, "shared-init"), layout)
+    return PreparedPeer(base=base, host=host, data=data, spec=spec, initial_adapter=initial)
+
+
+def key_pair_of(config: PeerConfig):
+    """The peer's libp2p identity: its key file, else a key from identity_seed, else state_dir/identity.key."""
+    from p2pfed.libp2p_transport import identity_from_file, identity_from_seed
+
+    if config.key_file:
+        return identity_from_file(config.key_file)
+    if config.identity_seed is not None:
+        return identity_from_seed(config.identity_seed)
+    if config.state_dir:
+        Path(config.state_dir).mkdir(parents=True, exist_ok=True)
+        return identity_from_file(Path(config.state_dir) / IDENTITY_FILE)
+    raise ConfigError("key_file: a networked peer needs an identity: set key_file, identity_seed or state_dir")
+
+
+@dataclass
+class NamedEndpoint:
+    """The libp2p endpoint seen through peer names: the loop speaks names, the network peer IDs."""
+
+    name: str
+    inner: object  # Libp2pEndpoint
+    ids: dict[str, str]  # neighbour name -> peer ID
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.inner.bytes_sent
+
+    async def send(self, to: str, payload: bytes) -> None:
+        await self.inner.send(self.ids[to], payload)
+
+    async def receive(self) -> tuple[str, bytes]:
+        names = {peer_id: name for name, peer_id in self.ids.items()}
+        sender, payload = await self.inner.receive()
+        # The transport already refuses strangers; an unknown ID keeps its raw form and the loop drops it.
+        return names.get(sender, sender), payload
+
+    def online(self, round_index: int) -> bool:
+        return True
+
+
+def result_to_json(result: PeerResult) -> dict:
+    return {"name": result.name, "rounds": [dataclasses.asdict(r) for r in result.rounds]}
+
+
+def result_from_json(data: dict) -> PeerResult:
+    rounds = [RoundRecord(**{**r, "missing": tuple(r["missing"])}) for r in data["rounds"]]
+    return PeerResult(name=data["name"], rounds=rounds)
+
+
+# -- the embeddable peer ---------------------------------------------------------------------
+
+class Peer:
+    """A networked peer for `async with`; the constructor only stores its config."""
+
+    EVENT_BUFFER = 256  # events kept for a subscriber that is not reading; older ones are dropped
+
+    def __init__(self, config: PeerConfig):
+        self.config = config
+        self.prepared: PreparedPeer | None = None
+        self.endpoint = None  # the Libp2pEndpoint, once the block is entered
+        self._loop: PeerLoop | None = None
+        self._subscribers: list[trio.MemorySendChannel] = []
+        self._result: PeerResult | None = None
+        self._error: BaseException | None = None
+        self._done = trio.Event()
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._last_trust: dict[str, float] = {}
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def peer_id(self) -> str:
+        return self.endpoint.name
+
+    @property
+    def listen_addrs(self) -> list[str]:
+        return self.endpoint.listen_addrs
+
+    async def __aenter__(self) -> "Peer":
+        from p2pfed.libp2p_transport import TransportLimits, open_libp2p_endpoint
+
+        config = self.config.validate()
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        # Loading and tokenizing block for seconds: off the event loop, so the app keeps running.
+        self.prepared = await trio.to_thread.run_sync(prepare_peer, config)
+        neighbours = {n.peer_id: list(n.addrs) for n in config.neighbours}
+        limits = TransportLimits(max_message_bytes=config.network.max_message_bytes)
+        self._stack = contextlib.AsyncExitStack()
+        await self._stack.__aenter__()
+        try:
+            self.endpoint = await self._stack.enter_async_context(
+                open_libp2p_endpoint(key_pair_of(config), list(config.listen), neighbours, limits))
+            nursery = await self._stack.enter_async_context(trio.open_nursery())
+            nursery.start_soon(self._run, nursery.cancel_scope)
+        except BaseException:
+            await self._stack.__aexit__(None, None, None)
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info) -> bool | None:
+        try:
+            if not self._done.is_set():
+                self._stop.cancel()
+            return await self._stack.__aexit__(*exc_info)
+        finally:
+            for channel in self._subscribers:
+                channel.close()
+
+    async def _run(self, scope: trio.CancelScope) -> None:
+        self._stop = scope
+        prepared, config = self.prepared, self.config
+        endpoint = NamedEndpoint(config.name, self.endpoint, {n.name: n.peer_id for n in config.neighbours})
+        self._loop = PeerLoop(prepared.spec, prepared.host, prepared.data, endpoint, prepared.initial_adapter,
+                              hooks=PeerHooks(on_round=self._on_round, on_update=self._on_update))
+        try:
+            await self._wait_for_neighbours(config.startup_timeout_s)
+            self._result = await self._loop.run()
+            if config.state_dir:
+                path = Path(config.state_dir) / RESULT_FILE
+                path.write_text(json.dumps(result_to_json(self._result)), encoding="utf-8")
+        except Exception as error:  # the app learns of it from finished(); the block itself stays up
+            log.exception("%s: the peer stopped with an error", config.name)
+            self._error = error
+        finally:
+            self._done.set()
+
+    async def _wait_for_neighbours(self, timeout: float) -> None:
+        """Give every neighbour up to `timeout` to answer, so that round 1 does not start into the void."""
+        waiting = getattr(self.endpoint, "wait_for_neighbours", None)
+        if waiting is None or not self.config.neighbours:
+            return
+        unreachable = await waiting(timeout)
+        if unreachable:
+            log.warning("%s: starting without %s (no answer in %.0f s)", self.name, ", ".join(unreachable), timeout)
+
+    # -- what the app uses ---------------------------------------------------------------
+
+    async def finished(self) -> PeerResult:
+        """Wait for the last round; the peer's records (raises what stopped the peer, if anything did)."""
+        await self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self) -> AsyncIterator[trio.MemoryReceiveChannel]:
+        """A channel of PeerEvents from now on; it closes when the peer stops."""
+        send, receive = trio.open_memory_channel(self.EVENT_BUFFER)
+        self._subscribers.append(send)
+        try:
+            async with receive:
+                yield receive
+        finally:
+            if send in self._subscribers:
+                self._subscribers.remove(send)
+            send.close()
+
+    @contextlib.contextmanager
+    def personalized_model(self) -> Iterator[nn.Module]:
+        """The base model pointed at the peer's current adapter, for inference between rounds.
+
+        Training runs on the event loop's thread, so whenever app code runs the adapter is between two
+        steps; do not hold the model across an await.
+        """
+        if self._loop is None or self._loop.adapter is None:
+            raise RuntimeError("the peer has not started: use it inside `async with Peer(config) as peer:`")
+        with torch.no_grad(), self.prepared.host.using(self._loop.adapter) as model:
+            yield model
+
+    def generate(self, prompt: str, max_new_tokens: int = 40, temperature: float = 0.0,
+                 seed: int = 0) -> str:
+        """Complete `prompt` with the personalized model (greedy at temperature 0)."""
+        tokenizer = self.prepared.base.tokenizer
+        ids = tokenizer.encode(prompt)
+        context = self.prepared.base.context
+        generator = torch.Generator().manual_seed(seed)
+        with self.personalized_model() as model:
+            for _ in range(max_new_tokens):
+                window = torch.tensor([ids[-context:]])
+                logits = model(input_ids=window).logits[0, -1]
+                if temperature <= 0:
+                    token = int(logits.argmax())
+                else:
+                    probs = torch.softmax(logits / temperature, dim=-1)
+                    token = int(torch.multinomial(probs, 1, generator=generator))
+                ids.append(token)
+        return tokenizer.decode(ids[len(tokenizer.encode(prompt)):])
+
+    # -- events --------------------------------------------------------------------------
+
+    def _emit(self, event: PeerEvent) -> None:
+        for channel in list(self._subscribers):
+            try:
+                channel.send_nowait(event)
+            except trio.WouldBlock:
+                log.debug("%s: a subscriber is not reading; dropped %s", self.name, type(event).__name__)
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                self._subscribers.remove(channel)
+
+    def _on_update(self, _peer: str, message: wire.UpdateMessage) -> None:
+        self._emit(UpdateReceived(sender=message.sender, round=message.round))
+
+    def _on_round(self, _peer: str, record: RoundRecord) -> None:
+        if record.trust and not _close(record.trust, self._last_trust):
+            self._last_trust = dict(record.trust)
+            self._emit(TrustChanged(round=record.round, weights=dict(record.trust)))
+        self._emit(RoundFinished(record=record))
+
+
+def _close(a: dict[str, float], b: dict[str, float], tolerance: float = 1e-9) -> bool:
+    return a.keys() == b.keys() and all(math.isclose(a[k], b[k], abs_tol=tolerance) for k in a)
