@@ -47,6 +47,9 @@ BENCHMARKS: list[tuple[str, Callable, list[Check]]] = [
         ("libp2p / raw TCP, 1 MB update", "1 MB.ratio_libp2p_over_raw", lambda r: r >= 0.3, ">= 0.3"),
         ("libp2p / raw TCP, 10 MB update", "10 MB.ratio_libp2p_over_raw", lambda r: r >= 0.3, ">= 0.3"),
     ]),
+    ("libp2p_swarm_round", lambda m: m.main(), [
+        ("4-process libp2p / in-process round time", "ratio_libp2p_over_inprocess", None, "(info)"),
+    ]),
 ]
 
 

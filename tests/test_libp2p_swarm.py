@@ -138,3 +138,60 @@ def test_a_peer_embedded_in_a_trio_app_trains_in_the_background_and_reports_even
     assert kinds.count(RoundFinished) == 3 and UpdateReceived in kinds and TrustChanged in kinds
     assert {e.sender for e in events if isinstance(e, UpdateReceived)} == {"peer1"}
     assert len(completions) >= 2 and all(isinstance(c, str) and len(c) > 0 for c in completions)
+
+
+def _with_nan(payload: bytes) -> bytes:
+    """A well-formed message whose first tensor holds a NaN: the encoder refuses to make one, a hostile peer would."""
+    import msgpack
+    import numpy as np
+
+    message = msgpack.unpackb(payload, raw=False)
+    entry = next(iter(message["tensors"].values()))
+    values = np.frombuffer(entry["data"], dtype=np.float32).copy()
+    values[0] = np.nan
+    entry["data"] = values.tobytes()
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def test_a_networked_peer_drops_bad_frames_from_a_raw_libp2p_client_and_keeps_running(tmp_path, caplog):
+    import logging
+
+    import torch
+
+    from p2pfed import wire
+    from p2pfed.libp2p_transport import identity_from_seed, open_libp2p_endpoint, peer_id_of
+
+    ports = free_ports(2)
+    raw_key = identity_from_seed(301)
+    peer_key_seed = 300
+    peer_id = peer_id_of(identity_from_seed(peer_key_seed))
+    config = load_peer(None, [
+        'name="peer0"', "num_peers=2", 'scheme="fedavg"', f"identity_seed={peer_key_seed}",
+        f'listen=["{loopback_addr(ports[0])}"]', "training.rounds=1", "training.local_steps=1",
+        "network.round_timeout_s=30", "data.train_blocks=16", "data.val_blocks=4", "data.test_blocks=4",
+        f'neighbours=[{{name="peer1", peer_id="{peer_id_of(raw_key)}", addrs=["{loopback_addr(ports[1])}"]}}]'])
+
+    async def app():
+        with trio.fail_after(60):
+            async with open_libp2p_endpoint(raw_key, loopback_addr(ports[1]),
+                                            {peer_id: [loopback_addr(ports[0])]}) as raw:
+                async with Peer(config) as peer:
+                    host, layout = peer.prepared.host, peer.prepared.spec.layout
+                    good = {n: t + 0.01 for n, t in host.initial_adapter(0, layout).items()}
+                    name = next(iter(good))
+
+                    def encode(tensors):
+                        return wire.encode_update(wire.UpdateMessage(sender="peer1", round=1, tensors=tensors))
+
+                    for bad in (b"\x00garbage", encode(good)[:-7], encode({**good, name: torch.zeros(3, 3)}),
+                                _with_nan(encode(good))):
+                        await raw.send(peer_id, bad)
+                    await raw.send(peer_id, encode(good))
+                    return await peer.finished()
+
+    with caplog.at_level(logging.WARNING, logger="p2pfed"):
+        result = trio.run(app)
+    assert result.rounds[1].trust == {"peer0": 0.5, "peer1": 0.5}  # the good update, after four bad ones
+    text = caplog.text
+    assert text.count("dropped a bad update from peer1") == 4
+    assert "non-finite" in text and "shape" in text
