@@ -160,7 +160,7 @@ class TrustConfig:
     temperature: TemperatureConfig = field(default_factory=TemperatureConfig)
     top_k: int = 0  # keep the k best-scored neighbours (self always kept); 0 keeps all
     threshold: float | None = None  # drop neighbours whose weight falls below it
-    fedavg_weights: Literal["uniform", "metropolis_hastings"] = "uniform"
+    fedavg_weights: Literal["uniform", "metropolis_hastings", "data_size"] = "uniform"
     weights_compare: Literal["update", "adapter"] = "update"
     predictions_top_k: int = 32  # next-token distributions are compared on their top-k tokens
     predictions_distance: Literal["kl", "l1"] = "kl"

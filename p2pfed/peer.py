@@ -291,6 +291,9 @@ class PeerLoop:
             if cfg.fedavg_weights == "metropolis_hastings":
                 return trust.metropolis_hastings_weights(spec.name, len(spec.neighbours),
                                                          {n: received[n].degree for n in names})
+            if cfg.fedavg_weights == "data_size":
+                return trust.data_size_weights(spec.name, int(self.data.train.numel()),
+                                               {n: received[n].num_samples for n in names})
             return trust.uniform_weights(spec.name, names)
         if scheme == "oracle":
             mixtures = spec.oracle_mixtures or {}

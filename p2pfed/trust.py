@@ -21,6 +21,7 @@ __all__ = [
     "local_weights",
     "uniform_weights",
     "metropolis_hastings_weights",
+    "data_size_weights",
     "cosine_scores",
     "product_cosine_scores",
     "oracle_weights",
@@ -87,6 +88,15 @@ def uniform_weights(self_name: str, neighbours: Iterable[str]) -> dict[str, floa
     """Gossip averaging: 1 / |K(i)| for the peer and every neighbour."""
     names = _neighbourhood(self_name, neighbours)
     return {n: 1.0 / len(names) for n in names}
+
+
+def data_size_weights(self_name: str, own_samples: int, neighbour_samples: Mapping[str, int]) -> dict[str, float]:
+    """FedAvg's classic weights: proportional to each peer's training tokens (neighbours report theirs)."""
+    sizes = {self_name: own_samples, **neighbour_samples}
+    total = sum(sizes.values())
+    if total <= 0:
+        return uniform_weights(self_name, neighbour_samples)
+    return {n: size / total for n, size in sizes.items()}
 
 
 def metropolis_hastings_weights(

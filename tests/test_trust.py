@@ -300,3 +300,10 @@ def test_predictions_distance_rejects_bad_shapes_and_kind():
         predictions_distance(values, index[:, :2], torch.zeros(2, 10))
     with pytest.raises(ValueError):
         predictions_distance(values, index, torch.zeros(2, 10), kind="js")
+
+
+def test_data_size_weights_follow_the_reported_training_tokens():
+    from p2pfed.trust import data_size_weights
+
+    assert data_size_weights("me", 300, {"a": 100, "b": 600}) == {"me": 0.3, "a": 0.1, "b": 0.6}
+    assert data_size_weights("me", 0, {"a": 0}) == {"me": 0.5, "a": 0.5}  # nothing reported: uniform
