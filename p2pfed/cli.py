@@ -27,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
                       help="override a config key, e.g. --set training.rounds=5")
     peer.add_argument("--quiet", action="store_true", help="no line per round")
 
+    ident = commands.add_parser("id", help="print a peer's libp2p peer ID (what its neighbours list for it)")
+    ident.add_argument("config", help="a peer TOML file")
+    ident.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
     show = commands.add_parser("report", help="print the table and redraw the plots of a finished run")
     show.add_argument("run_dir")
 
@@ -37,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         if args.command == "peer":
             return _peer(args)
+        if args.command == "id":
+            return _id(args)
         return _report(args)
     except (ConfigError, CheckpointError) as error:
         print(f"p2pfed: configuration error: {error}", file=sys.stderr)
@@ -124,6 +130,15 @@ async def _print_rounds(peer, round_finished) -> None:
                 ppl = "-" if r.test_ppl is None else f"{r.test_ppl:.3f}"
                 missing = f", missing {', '.join(r.missing)}" if r.missing else ""
                 print(f"{peer.name}: round {r.round}, test ppl {ppl}{missing}", flush=True)
+
+
+def _id(args) -> int:
+    from p2pfed.libp2p_transport import peer_id_of
+    from p2pfed.node import key_pair_of
+
+    config = load_peer(args.config, args.overrides)
+    print(peer_id_of(key_pair_of(config)))
+    return 0
 
 
 def _report(args) -> int:

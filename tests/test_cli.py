@@ -42,3 +42,20 @@ def test_config_errors_exit_2_with_the_key(tmp_path, capsys):
     assert "training.rounds" in capsys.readouterr().err
     assert main(["report", str(tmp_path)]) == 2
     assert "no results.json" in capsys.readouterr().err
+
+
+def test_the_peer_example_loads_and_id_prints_a_stable_peer_id(tmp_path, capsys):
+    from p2pfed.config import load_peer
+
+    example = load_peer("examples/peer.toml")
+    assert example.method.trust == "validation" and example.profile.name == "medium" and example.neighbours
+    key_file = tmp_path / "peer.key"
+    assert main(["id", "examples/peer.toml", "--set", f'key_file="{key_file}"']) == 0
+    first = capsys.readouterr().out.strip()
+    assert main(["id", "examples/peer.toml", "--set", f'key_file="{key_file}"']) == 0
+    assert capsys.readouterr().out.strip() == first and first.startswith("12D3KooW")
+
+
+def test_a_bad_peer_config_is_a_clear_error(capsys):
+    assert main(["peer", "examples/peer.toml", "--set", 'name="peer7"']) == 2
+    assert "name: must be one of peer0..peer1" in capsys.readouterr().err
