@@ -47,6 +47,13 @@ BENCHMARKS: list[tuple[str, Callable, list[Check]]] = [
         ("libp2p / raw TCP, 1 MB update", "1 MB.ratio_libp2p_over_raw", lambda r: r >= 0.3, ">= 0.3"),
         ("libp2p / raw TCP, 10 MB update", "10 MB.ratio_libp2p_over_raw", lambda r: r >= 0.3, ">= 0.3"),
     ]),
+    ("wire_overhead", lambda m: m.main(), [
+        ("wire overhead %, GPT-2-small LoRA r16, fp32", "gpt2_small.fp32_overhead_pct", lambda p: p < 2, "< 2"),
+        ("wire overhead %, GPT-2-small LoRA r16, bf16", "gpt2_small.bf16_overhead_pct", lambda p: p < 2, "< 2"),
+        ("bf16 / fp32 wire bytes, GPT-2-small LoRA", "gpt2_small.bf16_over_fp32", lambda r: r <= 0.51, "<= 0.51"),
+        ("wire overhead %, tiny LoRA r8, fp32", "tiny.fp32_overhead_pct", None, "(info)"),
+        ("wire overhead %, tiny LoRA r8, bf16", "tiny.bf16_overhead_pct", None, "(info)"),
+    ]),
     ("libp2p_swarm_round", lambda m: m.main(), [
         ("4-process libp2p / in-process round time", "ratio_libp2p_over_inprocess", None, "(info)"),
     ]),
