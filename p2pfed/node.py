@@ -262,9 +262,12 @@ class Peer:
         Training runs on the event loop's thread, so whenever app code runs the adapter is between two
         steps; do not hold the model across an await.
         """
-        if self._loop is None or self._loop.adapter is None:
+        if self.prepared is None:
             raise RuntimeError("the peer has not started: use it inside `async with Peer(config) as peer:`")
-        with torch.no_grad(), self.prepared.host.using(self._loop.adapter) as model:
+        # Before round 1 starts (the peer may still be waiting for its neighbours): the initial adapter.
+        live = self._loop.adapter if self._loop is not None else None
+        adapter = live if live is not None else self.prepared.initial_adapter
+        with torch.no_grad(), self.prepared.host.using(adapter) as model:
             yield model
 
     def generate(self, prompt: str, max_new_tokens: int = 40, temperature: float = 0.0,
