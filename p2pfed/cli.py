@@ -63,8 +63,10 @@ def _run(args) -> int:
     quiet_transformers()
     console = Console()
     run_dir = new_run_dir(config, args.out)
+    where = ("one libp2p process per peer" if config.runtime == "libp2p"
+             else f"in process, {config.workers} worker(s)")
     console.print(f"[bold]{config.name}[/]: {config.num_peers} peers, schemes {', '.join(config.schemes)}, "
-                  f"seeds {list(config.seeds)}, {config.workers} worker(s) -> {run_dir}")
+                  f"seeds {list(config.seeds)}, {where} -> {run_dir}")
     per_job = config.num_peers * config.training.rounds
     with Progress(TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console) as progress:

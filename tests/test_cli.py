@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from p2pfed.cli import main
 
 
@@ -59,3 +61,22 @@ def test_the_peer_example_loads_and_id_prints_a_stable_peer_id(tmp_path, capsys)
 def test_a_bad_peer_config_is_a_clear_error(capsys):
     assert main(["peer", "examples/peer.toml", "--set", 'name="peer7"']) == 2
     assert "name: must be one of peer0..peer1" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_run_with_the_libp2p_runtime_writes_the_same_kind_of_run_folder(tmp_path):
+    run_dir = tmp_path / "run"
+    code = main([
+        "run", "examples/default.toml", "--out", str(run_dir), "--set", 'runtime="libp2p"',
+        "--set", "num_peers=2", "--set", 'schemes=["validation"]', "--set", "seeds=[0]",
+        "--set", "training.rounds=1", "--set", "training.local_steps=1",
+        "--set", "data.train_blocks=8", "--set", "data.val_blocks=4", "--set", "data.test_blocks=4",
+    ])
+    assert code == 0
+    results = json.loads((run_dir / "results.json").read_text())
+    row = results["schemes"]["validation"]
+    assert set(row["per_peer"]) == {"peer0", "peer1"} and row["bytes_sent"] > 0 and row["missing_updates"] == 0
+    assert all(set(weights) == {"peer0", "peer1"} for weights in row["trust"].values())
+    assert (run_dir / "curves.png").is_file() and (run_dir / "trust_heatmap.png").is_file()
+    assert sorted(p.name for p in (run_dir / "libp2p" / "validation-seed0").glob("*.toml")) == ["peer0.toml",
+                                                                                                "peer1.toml"]
