@@ -633,3 +633,26 @@ def test_wait_for_neighbours_returns_once_a_late_neighbour_listens_and_names_one
                 nursery.cancel_scope.cancel()
 
     run(main)
+
+
+def test_a_neighbour_restarted_on_a_new_port_that_dials_first_is_reached_on_its_connection():
+    """No address update needed: the restarted neighbour sends its update first, and the reply rides its connection."""
+    ka, kb = identity_from_seed(21), identity_from_seed(22)
+    a_id, b_id = peer_id_of(ka), peer_id_of(kb)
+    limits = TransportLimits(send_timeout_s=3.0)
+
+    async def main():
+        async with open_libp2p_endpoint(ka, LOOPBACK, {b_id: []}, limits) as a:
+            async with open_libp2p_endpoint(kb, LOOPBACK, {a_id: a.listen_addrs}) as b:
+                old_addrs = b.listen_addrs
+                a.set_neighbour_addrs(b_id, old_addrs)
+                await b.send(a_id, b"hello")
+                assert await a.receive() == (b_id, b"hello")
+            async with open_libp2p_endpoint(kb, LOOPBACK, {a_id: a.listen_addrs}) as b:
+                assert b.listen_addrs != old_addrs
+                await b.send(a_id, b"back, elsewhere")
+                assert await a.receive() == (b_id, b"back, elsewhere")
+                await a.send(b_id, b"welcome back")  # a's configured address is stale; the connection is not
+                assert await b.receive() == (a_id, b"welcome back")
+
+    run(main)
