@@ -161,6 +161,7 @@ class Peer:
         self._error: BaseException | None = None
         self._done = trio.Event()
         self._stack: contextlib.AsyncExitStack | None = None
+        self._stop: trio.CancelScope | None = None
         self._last_trust: dict[str, float] = {}
 
     @property
@@ -191,7 +192,8 @@ class Peer:
             self.endpoint = await self._stack.enter_async_context(
                 open_libp2p_endpoint(key_pair_of(config), list(config.listen), neighbours, limits))
             nursery = await self._stack.enter_async_context(trio.open_nursery())
-            nursery.start_soon(self._run, nursery.cancel_scope)
+            self._stop = nursery.cancel_scope  # leaving the block early cancels the rounds
+            nursery.start_soon(self._run)
         except BaseException:
             await self._stack.__aexit__(None, None, None)
             raise
@@ -206,8 +208,7 @@ class Peer:
             for channel in self._subscribers:
                 channel.close()
 
-    async def _run(self, scope: trio.CancelScope) -> None:
-        self._stop = scope
+    async def _run(self) -> None:
         prepared, config = self.prepared, self.config
         endpoint = NamedEndpoint(config.name, self.endpoint, {n.name: n.peer_id for n in config.neighbours})
         self._loop = PeerLoop(prepared.spec, prepared.host, prepared.data, endpoint, prepared.initial_adapter,

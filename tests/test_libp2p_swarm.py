@@ -196,3 +196,20 @@ def test_a_networked_peer_drops_bad_frames_from_a_raw_libp2p_client_and_keeps_ru
     text = caplog.text
     assert text.count("dropped a bad update from peer1") == 4
     assert "non-finite" in text and "shape" in text
+
+
+def test_leaving_the_block_at_once_stops_the_peer_cleanly(tmp_path):
+    config = load_peer(None, ['name="peer0"', "num_peers=1", 'scheme="local"', "identity_seed=7",
+                              "data.train_blocks=8", "data.val_blocks=2", "data.test_blocks=2"])
+
+    async def app():
+        with trio.fail_after(60):
+            async with Peer(config) as peer:
+                pass
+        return peer
+
+    peer = trio.run(app)
+    with pytest.raises(RuntimeError, match="has not started"):
+        with Peer(config).personalized_model():
+            pass
+    assert peer.prepared is not None
