@@ -52,7 +52,7 @@ async def app(state: Path) -> None:
                 result = await peer.finished()
                 nursery.cancel_scope.cancel()
             print(f"done: test perplexity {result.rounds[0].test_ppl:.2f} -> {result.final_test_ppl:.2f}")
-            print(f"final completion: {PROMPT!r} -> {peer.generate(PROMPT, max_new_tokens=30)!r}")
+            print(f"final completion: {PROMPT!r} -> {await peer.generate(PROMPT, max_new_tokens=30)!r}")
     finally:
         neighbour.wait(timeout=120)
 
@@ -70,9 +70,9 @@ async def show_events(peer) -> None:
 
 
 async def complete_text(peer) -> None:
-    """The app's own work: it runs between the peer's rounds, on the same event loop."""
+    """The app's own work, on the same event loop: the peer's training runs in a worker thread meanwhile."""
     while True:
-        print(f"  app: {PROMPT!r} -> {peer.generate(PROMPT, max_new_tokens=20)!r}")
+        print(f"  app: {PROMPT!r} -> {await peer.generate(PROMPT, max_new_tokens=20)!r}")
         await trio.sleep(1.0)
 
 

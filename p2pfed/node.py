@@ -4,11 +4,11 @@
         async with peer.subscribe() as events:
             async for event in events:            # UpdateReceived, TrustChanged, RoundFinished
                 ...
-        text = peer.generate("Ciao, come")        # the current personalized model, any time
+        text = await peer.generate("Ciao, come")  # the current personalized model, any time
         result = await peer.finished()            # every round's record
 
-The rounds run in a background task of the block; leaving the block stops them (a peer stopped between
-rounds checkpoints first) and closes the host. The loop is the same `PeerLoop` code the in-process
+The rounds run in a background task of the block, their model work in a worker thread; leaving the block
+stops them (a peer stopped between rounds checkpoints first) and closes the host. The loop is the same `PeerLoop` code the in-process
 swarm runs; only the endpoint differs.
 """
 
@@ -162,6 +162,8 @@ class Peer:
         self._done = trio.Event()
         self._stack: contextlib.AsyncExitStack | None = None
         self._stop: trio.CancelScope | None = None
+        # One user of the model at a time: the peer's rounds (in a worker thread) or the app.
+        self._model_lock = trio.Lock()
         self._last_trust: dict[str, float] = {}
 
     @property
@@ -212,7 +214,8 @@ class Peer:
         prepared, config = self.prepared, self.config
         endpoint = NamedEndpoint(config.name, self.endpoint, {n.name: n.peer_id for n in config.neighbours})
         self._loop = PeerLoop(prepared.spec, prepared.host, prepared.data, endpoint, prepared.initial_adapter,
-                              hooks=PeerHooks(on_round=self._on_round, on_update=self._on_update))
+                              hooks=PeerHooks(on_round=self._on_round, on_update=self._on_update,
+                                              compute=self._compute))
         try:
             await self._wait_for_neighbours(config.startup_timeout_s)
             self._result = await self._loop.run()
@@ -256,13 +259,30 @@ class Peer:
                 self._subscribers.remove(send)
             send.close()
 
-    @contextlib.contextmanager
-    def personalized_model(self) -> Iterator[nn.Module]:
-        """The base model pointed at the peer's current adapter, for inference between rounds.
+    @contextlib.asynccontextmanager
+    async def personalized_model(self) -> AsyncIterator[nn.Module]:
+        """The base model pointed at the peer's current adapter, for the app's own use.
 
-        Training runs on the event loop's thread, so whenever app code runs the adapter is between two
-        steps; do not hold the model across an await.
+        Waits for the round's model work to pause and holds the model meanwhile: keep the block short.
         """
+        async with self._model_lock:
+            with self._pointed_model() as model:
+                yield model
+
+    async def generate(self, prompt: str, max_new_tokens: int = 40, temperature: float = 0.0,
+                       seed: int = 0) -> str:
+        """Complete `prompt` with the personalized model (greedy at temperature 0), in a worker thread."""
+        async with self._model_lock:
+            return await trio.to_thread.run_sync(self._generate, prompt, max_new_tokens, temperature, seed)
+
+    async def _compute(self, work):
+        # Training steps take seconds on a real model; on the event loop they would stop the peer reading
+        # from the network, and Yamux resets a sender whose receiver stops reading for 5 s.
+        async with self._model_lock:
+            return await trio.to_thread.run_sync(work)
+
+    @contextlib.contextmanager
+    def _pointed_model(self) -> Iterator[nn.Module]:
         if self.prepared is None:
             raise RuntimeError("the peer has not started: use it inside `async with Peer(config) as peer:`")
         # Before round 1 starts (the peer may still be waiting for its neighbours): the initial adapter.
@@ -271,24 +291,21 @@ class Peer:
         with torch.no_grad(), self.prepared.host.using(adapter) as model:
             yield model
 
-    def generate(self, prompt: str, max_new_tokens: int = 40, temperature: float = 0.0,
-                 seed: int = 0) -> str:
-        """Complete `prompt` with the personalized model (greedy at temperature 0)."""
-        tokenizer = self.prepared.base.tokenizer
-        ids = tokenizer.encode(prompt)
-        context = self.prepared.base.context
-        generator = torch.Generator().manual_seed(seed)
-        with self.personalized_model() as model:
+    def _generate(self, prompt: str, max_new_tokens: int, temperature: float, seed: int) -> str:
+        with self._pointed_model() as model:
+            tokenizer = self.prepared.base.tokenizer
+            ids = tokenizer.encode(prompt)
+            start, context = len(ids), self.prepared.base.context
+            generator = torch.Generator().manual_seed(seed)
             for _ in range(max_new_tokens):
-                window = torch.tensor([ids[-context:]])
-                logits = model(input_ids=window).logits[0, -1]
+                logits = model(input_ids=torch.tensor([ids[-context:]])).logits[0, -1]
                 if temperature <= 0:
                     token = int(logits.argmax())
                 else:
-                    probs = torch.softmax(logits / temperature, dim=-1)
-                    token = int(torch.multinomial(probs, 1, generator=generator))
+                    token = int(torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1,
+                                                  generator=generator))
                 ids.append(token)
-        return tokenizer.decode(ids[len(tokenizer.encode(prompt)):])
+        return tokenizer.decode(ids[start:])
 
     # -- events --------------------------------------------------------------------------
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
+from typing import TypeVar
 
 import torch
 import trio
@@ -25,6 +27,7 @@ from p2pfed.training import LocalTrainer, make_trainer
 from p2pfed.transport import Endpoint
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -78,12 +81,20 @@ class PeerResult:
         return self.rounds[-1].bytes_sent if self.rounds else 0
 
 
+async def run_inline(work: Callable[[], T]) -> T:
+    """Compute on the event loop: the simulation's choice, where every peer shares one thread anyway."""
+    return work()
+
+
 @dataclass(frozen=True)
 class PeerHooks:
     """What a peer tells its owner as it runs (the swarm's progress bar, an embedding app's events)."""
 
     on_round: Callable[[str, RoundRecord], None] | None = None  # (peer, record) after every round
     on_update: Callable[[str, wire.UpdateMessage], None] | None = None  # (peer, update) for each accepted update
+    # Runs the model work of a round (training, trust scores, aggregation, evaluation). A networked peer
+    # runs it in a worker thread, so that the event loop keeps reading from the network meanwhile.
+    compute: Callable[[Callable[[], T]], Awaitable[T]] = run_inline
 
 
 class UpdateInbox:
@@ -161,7 +172,8 @@ class PeerLoop:
         steps, saved_round = 0, 0
         checkpoint = self._load_checkpoint()
         if checkpoint is None:
-            self._record(result, RoundRecord(0, 0, None, self._test_ppl(adapter), {}, (), 0))
+            test_ppl = await self.hooks.compute(partial(self._test_ppl, adapter))
+            self._record(result, RoundRecord(0, 0, None, test_ppl, {}, (), 0))
         else:
             steps, saved_round = checkpoint.steps, checkpoint.round
             self._restore(checkpoint, adapter, trainer, result)
@@ -191,7 +203,8 @@ class PeerLoop:
         if not self.endpoint.online(round_index):
             # Churn: the device is away for this round; neighbours go on without it.
             return RoundRecord(round_index, steps, None, None, {}, (), self.endpoint.bytes_sent, online=False)
-        train_loss = trainer.train(training.local_steps)
+        compute = self.hooks.compute
+        train_loss = await compute(partial(trainer.train, training.local_steps))
         steps += training.local_steps
         weights: dict[str, float] = {}
         missing: tuple[str, ...] = ()
@@ -200,10 +213,10 @@ class PeerLoop:
             await self._collect(inbox, round_index, expected_shapes)
             usable = inbox.for_round(round_index)
             missing = tuple(n for n in spec.neighbours if n not in usable or usable[n].round != round_index)
-            weights = self._weights(adapter, usable)
-            self._aggregate(adapter, usable, weights)
+            weights = await compute(partial(self._weights, adapter, usable))
+            await compute(partial(self._aggregate, adapter, usable, weights))
         evaluate_now = round_index % training.eval_every == 0 or round_index == training.rounds
-        test_ppl = self._test_ppl(adapter) if evaluate_now else None
+        test_ppl = await compute(partial(self._test_ppl, adapter)) if evaluate_now else None
         return RoundRecord(round_index, steps, train_loss, test_ppl, weights, missing, self.endpoint.bytes_sent)
 
     # -- checkpoints ------------------------------------------------------------------------

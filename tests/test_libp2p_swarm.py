@@ -122,7 +122,7 @@ def test_a_peer_embedded_in_a_trio_app_trains_in_the_background_and_reports_even
 
                 async def own_work():  # the app keeps doing its own thing while the peer trains
                     while True:
-                        completions.append(peer.generate("Hello, how", max_new_tokens=5))
+                        completions.append(await peer.generate("Hello, how", max_new_tokens=5))
                         await trio.sleep(0.05)
 
                 nursery.start_soon(watch)
@@ -209,7 +209,11 @@ def test_leaving_the_block_at_once_stops_the_peer_cleanly(tmp_path):
         return peer
 
     peer = trio.run(app)
-    with pytest.raises(RuntimeError, match="has not started"):
-        with Peer(config).personalized_model():
-            pass
     assert peer.prepared is not None
+
+    async def too_early():
+        async with Peer(config).personalized_model():
+            pass
+
+    with pytest.raises(RuntimeError, match="has not started"):
+        trio.run(too_early)
