@@ -32,7 +32,7 @@ from transformers.pytorch_utils import Conv1D
 
 from common import interleaved, median, setup
 from p2pfed.aggregate import lora_scale
-from p2pfed.experts import ExpertConfig, attach_experts, initial_expert_state, is_router, using_state
+from p2pfed.experts import ExpertLayerConfig, attach_experts, initial_expert_state, is_router, using_state
 
 SIZES = (64, 256)
 BATCH, LENGTH = 8, 128
@@ -90,7 +90,7 @@ def expert_side(n_embd: int, rank: int, top_k: int, x: torch.Tensor,
     """A step of one bi-level phase: "experts" (routers frozen), "router" (experts frozen) or "joint" (all)."""
     model = frozen_mlp(n_embd)
     generator = torch.Generator().manual_seed(SEED)
-    slots = attach_experts(model, ("c_fc", "c_proj"), ExpertConfig(1, 1, rank=rank, alpha=ALPHA, top_k=top_k))
+    slots = attach_experts(model, ("c_fc", "c_proj"), ExpertLayerConfig(1, 1, rank=rank, alpha=ALPHA, top_k=top_k))
     # A peer's own tensors pointed into the shared layer, as a host would; B nonzero so the router learns.
     state = {name: nn.Parameter(t if not name.endswith("_B") else torch.randn(t.shape, generator=generator) * 0.01)
              for name, t in initial_expert_state(slots, generator).items()}

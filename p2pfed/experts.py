@@ -35,7 +35,7 @@ from p2pfed.config import ConfigError
 
 __all__ = [
     "TensorKind", "TENSOR_KINDS", "EXPERT_TENSORS", "MLP_TARGETS", "kind_of", "is_shared", "is_router",
-    "ExpertConfig", "Routing", "MixtureOfLoraExperts", "mean_load_balancing_loss",
+    "ExpertLayerConfig", "Routing", "MixtureOfLoraExperts", "mean_load_balancing_loss",
     "ExpertSlot", "layer_slots", "attach_experts", "init_tensor", "initial_expert_state", "copy_state",
     "using_state", "shared_state", "local_state", "save_state", "load_state",
     "BilevelOptimizers", "bilevel_optimizers", "BilevelStats", "BilevelTrainer",
@@ -104,7 +104,7 @@ def is_router(name: str) -> bool:
 # The layer.
 
 @dataclass(frozen=True)
-class ExpertConfig:
+class ExpertLayerConfig:
     n_generalists: int = 1
     n_specialists: int = 1
     rank: int = 8
@@ -162,7 +162,7 @@ class MixtureOfLoraExperts(nn.Module):
     router no gradient: top-1 routing learns only from the load-balancing loss.
     """
 
-    def __init__(self, base: nn.Module, config: ExpertConfig):
+    def __init__(self, base: nn.Module, config: ExpertLayerConfig):
         super().__init__()
         self.in_features, self.out_features = base_dims(base)
         self.base = base
@@ -284,7 +284,7 @@ def _matches(path: str, targets: Sequence[str]) -> bool:
     return any(path == target or path.endswith("." + target) for target in targets)
 
 
-def attach_experts(model: nn.Module, target_modules: Sequence[str], config: ExpertConfig,
+def attach_experts(model: nn.Module, target_modules: Sequence[str], config: ExpertLayerConfig,
                    generator: torch.Generator | None = None) -> list[ExpertSlot]:
     """Replace, in place, every submodule whose path ends with a target by an expert layer around it.
 

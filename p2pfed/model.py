@@ -322,7 +322,7 @@ def attach_adapters(base: BaseModel, lora: LoraConfig, experts: ExpertsConfig | 
     Without `experts`: plain LoRA on every target. With it: expert layers on the experts'
     targets (default: the MLP linears) and plain LoRA on the other targets (attention).
     """
-    from p2pfed.experts import MLP_TARGETS, ExpertConfig, attach_experts, layer_slots
+    from p2pfed.experts import MLP_TARGETS, ExpertLayerConfig, attach_experts, layer_slots
 
     model = structure_copy(base.model)
     targets = list(lora.target_modules) or list(KNOWN_TARGETS.get(base.family, ())) or "all-linear"
@@ -335,7 +335,7 @@ def attach_adapters(base: BaseModel, lora: LoraConfig, experts: ExpertsConfig | 
     slots = _inject_lora(model, targets, lora, base.family) if targets else []
     inner = model  # peft injects in place; calling the HF model directly skips the peft wrapper's overhead
     if experts is not None:
-        layer_config = ExpertConfig(alpha=lora.alpha, rslora=lora.rslora, top_k=experts.top_k)
+        layer_config = ExpertLayerConfig(alpha=lora.alpha, rslora=lora.rslora, top_k=experts.top_k)
         expert_slots = attach_experts(inner, expert_targets, layer_config)
         for path in dict.fromkeys(s.name.rpartition(".")[0] for s in expert_slots):
             layer = inner.get_submodule(path)

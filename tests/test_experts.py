@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from p2pfed.config import ConfigError
 from p2pfed.experts import (
     BilevelTrainer,
-    ExpertConfig,
+    ExpertLayerConfig,
     MixtureOfLoraExperts,
     attach_experts,
     bilevel_optimizers,
@@ -105,7 +105,7 @@ def test_hand_case_two_experts_top1_and_top2():
         return torch.tensor(outputs), torch.tensor(probabilities)
 
     for top_k in (1, 2):
-        layer = MixtureOfLoraExperts(base, ExpertConfig(1, 1, rank=1, alpha=alpha, top_k=top_k))
+        layer = MixtureOfLoraExperts(base, ExpertLayerConfig(1, 1, rank=1, alpha=alpha, top_k=top_k))
         with torch.no_grad():
             layer.generalist_A.copy_(torch.tensor(A[:1]))
             layer.specialist_A.copy_(torch.tensor(A[1:]))
@@ -144,7 +144,7 @@ def naive(layer: MixtureOfLoraExperts, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("top_k,rslora", [(2, False), (5, True), (1, False)])
 def test_batched_layer_equals_a_per_expert_loop(top_k, rslora):
     layer = randomise(MixtureOfLoraExperts(linear(5, 4, 0, torch.float64),
-                                           ExpertConfig(2, 3, rank=3, alpha=6.0, top_k=top_k, rslora=rslora)), 1)
+                                           ExpertLayerConfig(2, 3, rank=3, alpha=6.0, top_k=top_k, rslora=rslora)), 1)
     x = torch.randn(2, 7, 5, generator=gen(2), dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), naive(layer, x))
@@ -153,7 +153,7 @@ def test_batched_layer_equals_a_per_expert_loop(top_k, rslora):
 @pytest.mark.parametrize("generalists,specialists", [(2, 0), (0, 2)])
 def test_generalists_only_and_specialists_only(generalists, specialists):
     layer = randomise(MixtureOfLoraExperts(linear(5, 4, 0, torch.float64),
-                                           ExpertConfig(generalists, specialists, rank=2, top_k=1)), 3)
+                                           ExpertLayerConfig(generalists, specialists, rank=2, top_k=1)), 3)
     x = torch.randn(6, 5, generator=gen(4), dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), naive(layer, x))
@@ -169,7 +169,7 @@ def test_linear_and_conv1d_bases_agree():
     with torch.no_grad():
         conv.weight.copy_(lin.weight.t())
         conv.bias.copy_(lin.bias)
-    config = ExpertConfig(1, 2, rank=2, top_k=2)
+    config = ExpertLayerConfig(1, 2, rank=2, top_k=2)
     a = randomise(MixtureOfLoraExperts(lin, config), 5)
     b = MixtureOfLoraExperts(conv, config)
     with torch.no_grad():
@@ -182,7 +182,7 @@ def test_linear_and_conv1d_bases_agree():
 
 
 def test_zero_b_is_the_base_layer():
-    layer = MixtureOfLoraExperts(linear(6, 3, 0), ExpertConfig(1, 1, rank=4, top_k=1))
+    layer = MixtureOfLoraExperts(linear(6, 3, 0), ExpertLayerConfig(1, 1, rank=4, top_k=1))
     layer.reset_parameters(gen(0))
     assert layer.generalist_A.abs().sum() > 0 and layer.router.abs().sum() > 0
     x = torch.randn(3, 6, generator=gen(1))
@@ -191,7 +191,7 @@ def test_zero_b_is_the_base_layer():
 
 
 def test_top_k_masks_the_other_experts():
-    layer = randomise(MixtureOfLoraExperts(linear(5, 4, 0, torch.float64), ExpertConfig(1, 4, rank=2, top_k=2)), 7)
+    layer = randomise(MixtureOfLoraExperts(linear(5, 4, 0, torch.float64), ExpertLayerConfig(1, 4, rank=2, top_k=2)), 7)
     x = torch.randn(9, 5, generator=gen(8), dtype=torch.float64)
     with torch.no_grad():
         before = layer(x)
@@ -212,18 +212,18 @@ def test_top_k_masks_the_other_experts():
 
 def test_load_balancing_loss_only_when_k_below_e():
     x = torch.randn(16, 5, generator=gen(1))
-    full = randomise(MixtureOfLoraExperts(linear(5, 4, 0), ExpertConfig(1, 2, rank=2, top_k=3)), 2)
+    full = randomise(MixtureOfLoraExperts(linear(5, 4, 0), ExpertLayerConfig(1, 2, rank=2, top_k=3)), 2)
     with pytest.raises(RuntimeError):
         full.load_balancing_loss()
     full(x)
     assert full.load_balancing_loss() is None
-    sparse = randomise(MixtureOfLoraExperts(linear(5, 4, 0), ExpertConfig(1, 2, rank=2, top_k=2)), 2)
+    sparse = randomise(MixtureOfLoraExperts(linear(5, 4, 0), ExpertLayerConfig(1, 2, rank=2, top_k=2)), 2)
     sparse(x)
     loss = sparse.load_balancing_loss()
     routing = sparse.last_routing
     expected = 3 * sum(routing.mask[:, e].mean() / 2 * routing.probs[:, e].mean() for e in range(3))
     torch.testing.assert_close(loss, expected)
-    uniform = MixtureOfLoraExperts(linear(5, 4, 0), ExpertConfig(1, 2, rank=2, top_k=2))  # router all zero
+    uniform = MixtureOfLoraExperts(linear(5, 4, 0), ExpertLayerConfig(1, 2, rank=2, top_k=2))  # router all zero
     uniform(x)
     torch.testing.assert_close(uniform.load_balancing_loss(), torch.tensor(1.0))
     loss.backward()
@@ -235,8 +235,8 @@ def test_load_balancing_loss_only_when_k_below_e():
 
 def test_one_layer_serves_states_with_different_numbers_of_specialists():
     # A host built for one layout runs a peer that holds another: the layer reads E from the tensors.
-    host_layer = MixtureOfLoraExperts(linear(5, 4, 0), ExpertConfig(1, 1, rank=2, top_k=2))
-    other = randomise(MixtureOfLoraExperts(linear(5, 4, 0), ExpertConfig(1, 3, rank=2, top_k=2)), 3)
+    host_layer = MixtureOfLoraExperts(linear(5, 4, 0), ExpertLayerConfig(1, 1, rank=2, top_k=2))
+    other = randomise(MixtureOfLoraExperts(linear(5, 4, 0), ExpertLayerConfig(1, 3, rank=2, top_k=2)), 3)
     state = {slot.name: slot.module._parameters[slot.attr].detach() for slot in layer_slots("", other)}
     x = torch.randn(4, 5, generator=gen(4))
     with torch.no_grad(), using_state(layer_slots("", host_layer), state):
@@ -264,7 +264,7 @@ def test_attach_experts_on_tiny_gpt2():
     batch = torch.randint(0, 64, (2, 16), generator=gen(0))
     with torch.no_grad():
         before = model(input_ids=batch).logits
-    config = ExpertConfig(1, 1, rank=4, alpha=8.0, top_k=2)
+    config = ExpertLayerConfig(1, 1, rank=4, alpha=8.0, top_k=2)
     slots = attach_experts(model, ("mlp.c_fc", "mlp.c_proj"), config, generator=gen(1))
     replaced = {path for path, m in model.named_modules() if isinstance(m, MixtureOfLoraExperts)}
     assert replaced == {"transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"}
@@ -289,7 +289,7 @@ def test_attach_experts_on_tiny_gpt2():
 
 def test_pointing_slots_at_another_state_changes_outputs():
     model = tiny_gpt2()
-    slots = attach_experts(model, ("mlp.c_fc", "mlp.c_proj"), ExpertConfig(1, 1, rank=4, top_k=1))
+    slots = attach_experts(model, ("mlp.c_fc", "mlp.c_proj"), ExpertLayerConfig(1, 1, rank=4, top_k=1))
     placeholders = [s.module._parameters[s.attr] for s in slots]
     batch = torch.randint(0, 64, (2, 16), generator=gen(0))
     first = initial_expert_state(slots, gen(1))
@@ -312,7 +312,7 @@ def test_pointing_slots_at_another_state_changes_outputs():
 
 def test_initial_state_is_seeded_and_generalists_do_not_depend_on_specialists():
     def state(specialists: int, seed: int):
-        slots = attach_experts(tiny_gpt2(), ("mlp.c_fc", "mlp.c_proj"), ExpertConfig(1, specialists, rank=4))
+        slots = attach_experts(tiny_gpt2(), ("mlp.c_fc", "mlp.c_proj"), ExpertLayerConfig(1, specialists, rank=4))
         return initial_expert_state(slots, gen(seed))
 
     one, again, two, other = state(1, 7), state(1, 7), state(2, 7), state(1, 8)
@@ -326,7 +326,7 @@ def test_initial_state_is_seeded_and_generalists_do_not_depend_on_specialists():
 
 
 def test_save_and_load_round_trip(tmp_path):
-    slots = attach_experts(tiny_gpt2(), ("mlp.c_fc",), ExpertConfig(1, 2, rank=3), generator=gen(0))
+    slots = attach_experts(tiny_gpt2(), ("mlp.c_fc",), ExpertLayerConfig(1, 2, rank=3), generator=gen(0))
     state = {n: nn.Parameter(t + 1) for n, t in initial_expert_state(slots, gen(3)).items()}
     save_state(tmp_path / "state.safetensors", state)
     loaded = load_state(tmp_path / "state.safetensors")
@@ -339,7 +339,7 @@ def test_save_and_load_round_trip(tmp_path):
 
 def test_bilevel_training_does_not_leak_between_phases():
     base = nn.Sequential(linear(6, 6, 0), nn.GELU(), linear(6, 6, 2))
-    config = ExpertConfig(1, 2, rank=2, top_k=2)
+    config = ExpertLayerConfig(1, 2, rank=2, top_k=2)
     slots = attach_experts(base, ("0", "2"), config)
     params = {n: nn.Parameter(t) for n, t in initial_expert_state(slots, gen(0)).items()}
     router_params = [t for n, t in params.items() if is_router(n)]
