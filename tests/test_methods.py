@@ -189,3 +189,20 @@ def test_a_neighbour_whose_factors_disagree_in_rank_is_dropped(workspace, caplog
         result = run_peer_fed_by(network, peer, feed)
     assert "dropped a bad update from peer1" in caplog.text and "expected A" in caplog.text
     assert result.rounds[1].trust == {"peer0": 0.5, "peer1": 0.5}
+
+
+def test_the_report_breaks_results_down_by_peer_profile(workspace, capsys):
+    from p2pfed.report import print_table, summarize
+
+    config = small_config("training.rounds=1", "training.local_steps=1",
+                          'profiles=[{name="small", rank=2}, {name="big", rank=8}]', 'schemes=["local", "flexlora"]')
+    jobs = [run_job(config, workspace, scheme, seed=0) for scheme in config.schemes]
+    summary = summarize(config, jobs)
+    assert summary["profiles"] == {"peer0": "small", "peer1": "big", "peer2": "small", "peer3": "big"}
+    for scheme in config.schemes:
+        rows = summary["schemes"][scheme]["by_profile"]
+        assert list(rows) == ["small", "big"] and all(row["peers"] == 2 for row in rows.values())
+        small = [jobs[config.schemes.index(scheme)].peers[p].final_test_ppl for p in ("peer0", "peer2")]
+        assert rows["small"]["test_ppl_mean"] == pytest.approx(sum(small) / 2)
+    print_table(summary)
+    assert "by peer profile" in capsys.readouterr().out
