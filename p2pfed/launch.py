@@ -79,7 +79,8 @@ def _without_none(value):
 def run_job_libp2p(config: ExperimentConfig, workspace: Workspace, scheme: str, seed: int, run_dir: Path,
                    on_peer_done=None) -> JobResult:
     """Run one job as N peer processes; raise RuntimeError (with the failing peer's log) if one fails."""
-    from p2pfed.node import RESULT_FILE, result_from_json
+    from p2pfed.node import RESULT_FILE
+    from p2pfed.peer import PeerResult
 
     graph, data = job_setup(config, workspace, seed)
     job_dir = run_dir / "libp2p" / f"{scheme.replace(':', '_')}-seed{seed}"
@@ -113,7 +114,7 @@ def run_job_libp2p(config: ExperimentConfig, workspace: Workspace, scheme: str, 
     peers = {}
     for peer in configs:
         result = json.loads((Path(peer.state_dir) / RESULT_FILE).read_text(encoding="utf-8"))
-        peers[peer.name] = result_from_json(result)
+        peers[peer.name] = PeerResult.from_json(result)
     return JobResult(
         scheme=scheme, seed=seed, peers=peers,
         graph_edges=[(peer_name(u), peer_name(v)) for u, v in graph.edges()],

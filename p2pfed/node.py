@@ -15,7 +15,6 @@ swarm runs; only the endpoint differs.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -29,11 +28,11 @@ from torch import nn
 
 from p2pfed import wire
 from p2pfed.config import ConfigError, PeerConfig
-from p2pfed.data import PeerData, load_group_texts, make_peer_data, tokenize_groups
-from p2pfed.model import AdapterHost, BaseModel, attach_adapters, load_base_model
+from p2pfed.data import PeerData, make_peer_data
+from p2pfed.model import AdapterHost, BaseModel
 from p2pfed.peer import PeerHooks, PeerLoop, PeerResult, PeerSpec, RoundRecord
 from p2pfed.seeding import derive_seed
-from p2pfed.swarm import layout_for
+from p2pfed.swarm import layout_for, open_workspace
 from p2pfed.topology import peer_index
 
 log = logging.getLogger(__name__)
@@ -78,22 +77,18 @@ class PreparedPeer:
 def prepare_peer(config: PeerConfig) -> PreparedPeer:
     """The blocking part of starting a peer: the frozen model, this peer's data share, its spec."""
     method = config.method
-    index = peer_index(config.name)
-    base = load_base_model(config.model, log=log.info)
-    host = attach_adapters(base, config.lora, config.experts if method.has_experts else None)
-    texts = load_group_texts(config.data.source, config.data.groups)
-    data = make_peer_data(tokenize_groups(texts, base.tokenizer.encode), config.num_peers, config.data,
-                          config.seed)[index]
+    workspace = open_workspace(config.as_experiment(), log=log.info)
+    host = workspace.host_for(experts=method.has_experts)
+    data = make_peer_data(workspace.tokens, config.num_peers, config.data, config.seed)[peer_index(config.name)]
     layout = layout_for(method, config.profile, config.lora.rank)
     spec = PeerSpec(
         name=config.name, neighbours=tuple(n.name for n in config.neighbours), method=method, layout=layout,
         seed=config.seed, training=config.training, trust=config.trust, experts=config.experts,
-        encoding=config.network.encoding, round_timeout_s=config.network.round_timeout_s,
-        max_message_bytes=config.network.max_message_bytes, state_dir=config.state_dir or None,
+        network=config.network, state_dir=config.state_dir or None,
         checkpoint_every=config.checkpoint_every,
     )
     initial = host.initial_adapter(derive_seed(config.seed, "shared-init"), layout)
-    return PreparedPeer(base=base, host=host, data=data, spec=spec, initial_adapter=initial)
+    return PreparedPeer(base=workspace.base, host=host, data=data, spec=spec, initial_adapter=initial)
 
 
 def key_pair_of(config: PeerConfig):
@@ -133,15 +128,6 @@ class NamedEndpoint:
 
     def online(self, round_index: int) -> bool:
         return True
-
-
-def result_to_json(result: PeerResult) -> dict:
-    return {"name": result.name, "rounds": [dataclasses.asdict(r) for r in result.rounds]}
-
-
-def result_from_json(data: dict) -> PeerResult:
-    rounds = [RoundRecord(**{**r, "missing": tuple(r["missing"])}) for r in data["rounds"]]
-    return PeerResult(name=data["name"], rounds=rounds)
 
 
 # -- the embeddable peer ---------------------------------------------------------------------
@@ -221,7 +207,7 @@ class Peer:
             self._result = await self._loop.run()
             if config.state_dir:
                 path = Path(config.state_dir) / RESULT_FILE
-                path.write_text(json.dumps(result_to_json(self._result)), encoding="utf-8")
+                path.write_text(json.dumps(self._result.to_json()), encoding="utf-8")
         except Exception as error:  # the app learns of it from finished(); the block itself stays up
             log.exception("%s: the peer stopped with an error", config.name)
             self._error = error

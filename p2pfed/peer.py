@@ -19,7 +19,7 @@ import trio
 
 from p2pfed import aggregate, evaluate, trust, wire
 from p2pfed.checkpoint import CheckpointError, PeerCheckpoint, load_checkpoint, save_checkpoint
-from p2pfed.config import ExpertsConfig, Method, TrainingConfig, TrustConfig
+from p2pfed.config import ExpertsConfig, Method, NetworkConfig, TrainingConfig, TrustConfig
 from p2pfed.data import PeerData
 from p2pfed.experts import is_shared
 from p2pfed.model import AdapterHost, AdapterLayout, trainable_copy
@@ -40,9 +40,7 @@ class PeerSpec:
     training: TrainingConfig
     trust: TrustConfig
     experts: ExpertsConfig = ExpertsConfig()
-    encoding: str = "fp32"
-    round_timeout_s: float = 30.0
-    max_message_bytes: int = 256 * 1024 * 1024
+    network: NetworkConfig = NetworkConfig()  # encoding, round deadline and message size cap
     # Only the oracle baseline may know its neighbours' data mixtures; no real scheme uses them.
     oracle_mixtures: Mapping[str, Mapping[str, float]] | None = None
     # Where the peer checkpoints, every `checkpoint_every` rounds and when stopped between rounds;
@@ -62,6 +60,11 @@ class RoundRecord:
     bytes_sent: int
     online: bool = True
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "RoundRecord":
+        """From `dataclasses.asdict` output read back from JSON (lists back to tuples)."""
+        return cls(**{**data, "missing": tuple(data["missing"])})
+
 
 @dataclass
 class PeerResult:
@@ -79,6 +82,13 @@ class PeerResult:
     @property
     def bytes_sent(self) -> int:
         return self.rounds[-1].bytes_sent if self.rounds else 0
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "rounds": [dataclasses.asdict(r) for r in self.rounds]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "PeerResult":
+        return cls(name=data["name"], rounds=[RoundRecord.from_dict(r) for r in data["rounds"]])
 
 
 async def run_inline(work: Callable[[], T]) -> T:
@@ -130,14 +140,13 @@ class PeerLoop:
     """One participant. Construction stores references only; `run()` does the work."""
 
     def __init__(self, spec: PeerSpec, host: AdapterHost, data: PeerData, endpoint: Endpoint,
-                 initial_adapter: Mapping[str, torch.Tensor],
-                 on_round: Callable[[str, RoundRecord], None] | None = None, hooks: PeerHooks | None = None):
+                 initial_adapter: Mapping[str, torch.Tensor], hooks: PeerHooks = PeerHooks()):
         self.spec = spec
         self.host = host
         self.data = data
         self.endpoint = endpoint
         self.initial_adapter = initial_adapter
-        self.hooks = hooks or PeerHooks(on_round=on_round)
+        self.hooks = hooks
         self.adapter: dict[str, torch.nn.Parameter] | None = None  # the live adapter, once run() has started
 
     @property
@@ -244,7 +253,7 @@ class PeerLoop:
             optimizer.load_state_dict(checkpoint.optimizers[name])
         for name, stream in trainer.streams().items():
             stream.restore(checkpoint.streams[name])
-        result.rounds.extend(RoundRecord(**{**r, "missing": tuple(r["missing"])}) for r in checkpoint.history)
+        result.rounds.extend(RoundRecord.from_dict(r) for r in checkpoint.history)
         log.info("%s: resumed from %s after round %d", self.spec.name, self.spec.state_dir, checkpoint.round)
 
     def _save(self, adapter, trainer: LocalTrainer, result: PeerResult, steps: int) -> None:
@@ -253,7 +262,7 @@ class PeerLoop:
             tensors={name: p.detach() for name, p in adapter.items()},
             optimizers={name: o.state_dict() for name, o in trainer.optimizers().items()},
             streams={name: s.state() for name, s in trainer.streams().items()},
-            trust=dict(result.final_trust), history=[dataclasses.asdict(r) for r in result.rounds],
+            trust=dict(result.final_trust), history=result.to_json()["rounds"],
             meta={"identity": self._identity()},
         ))
 
@@ -265,7 +274,7 @@ class PeerLoop:
             tensors={name: p.detach() for name, p in adapter.items() if is_shared(name)},
             degree=len(self.spec.neighbours), num_samples=int(self.data.train.numel()),
         )
-        payload = wire.encode_update(message, self.spec.encoding)
+        payload = wire.encode_update(message, self.spec.network.encoding)
         for neighbour in self.spec.neighbours:
             await self.endpoint.send(neighbour, payload)
 
@@ -273,8 +282,8 @@ class PeerLoop:
                        expected_shapes: Mapping[str, tuple[int | None, ...]]) -> None:
         """Take updates until every neighbour's round update is in, or the deadline passes."""
         neighbours = set(self.spec.neighbours)
-        limits = wire.WireLimits(max_bytes=self.spec.max_message_bytes)
-        with trio.move_on_after(self.spec.round_timeout_s):
+        limits = wire.WireLimits(max_bytes=self.spec.network.max_message_bytes)
+        with trio.move_on_after(self.spec.network.round_timeout_s):
             while not all(inbox.has_reached(n, round_index) for n in neighbours):
                 sender, payload = await self.endpoint.receive()
                 if sender not in neighbours:

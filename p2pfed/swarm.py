@@ -17,7 +17,7 @@ import trio.testing
 from p2pfed.config import ExperimentConfig, Method, PeerProfile, parse_method
 from p2pfed.data import PeerData, load_group_texts, make_peer_data, tokenize_groups
 from p2pfed.model import AdapterHost, AdapterLayout, BaseModel, attach_adapters, load_base_model
-from p2pfed.peer import PeerLoop, PeerResult, PeerSpec, RoundRecord
+from p2pfed.peer import PeerHooks, PeerLoop, PeerResult, PeerSpec, RoundRecord
 from p2pfed.seeding import derive_seed
 from p2pfed.topology import build_graph, neighbours, peer_index, peer_name
 from p2pfed.transport import InMemoryNetwork
@@ -89,8 +89,7 @@ def peer_specs(config: ExperimentConfig, graph: nx.Graph, data: list[PeerData], 
         PeerSpec(
             name=peer_name(i), neighbours=tuple(peer_name(j) for j in neighbours(graph, i)), method=method,
             layout=layout_for(method, config.profile_of(i), config.lora.rank), experts=config.experts,
-            seed=seed, training=config.training, trust=config.trust, encoding=config.network.encoding,
-            round_timeout_s=config.network.round_timeout_s, max_message_bytes=config.network.max_message_bytes,
+            seed=seed, training=config.training, trust=config.trust, network=config.network,
             oracle_mixtures=mixtures,
             state_dir=str(state_root / peer_name(i)) if state_root is not None else None,
         )
@@ -106,7 +105,7 @@ def run_job(config: ExperimentConfig, workspace: Workspace, scheme: str, seed: i
     network = InMemoryNetwork(config.network, derive_seed(seed, "net"))
     # Peers of one layout start from the same seeded adapter; the seed does not depend on the scheme.
     peers = [PeerLoop(spec, host, d, network.endpoint(spec.name),
-                  host.initial_adapter(derive_seed(seed, "shared-init"), spec.layout), on_round)
+                  host.initial_adapter(derive_seed(seed, "shared-init"), spec.layout), PeerHooks(on_round=on_round))
              for spec, d in zip(specs, data)]
     results: dict[str, PeerResult] = {}
 

@@ -37,7 +37,7 @@ def test_a_peer_stopped_mid_round_keeps_its_last_complete_checkpoint(workspace, 
     host = workspace.host
     data = make_peer_data(workspace.tokens, 4, config.data, seed=0)[0]
     spec = PeerSpec(name="peer0", neighbours=("peer1",), method=parse_method("fedavg"), layout=host.layout(),
-                    seed=0, training=config.training, trust=config.trust, round_timeout_s=10.0,
+                    seed=0, training=config.training, trust=config.trust, network=config.network,
                     state_dir=str(tmp_path), checkpoint_every=2)
 
     def run_until(stop_at: float):
