@@ -4,7 +4,7 @@ Each side delivers one payload at a time and is timed, in the sender, from the s
 receiver's 1-byte ack; the receiver acks once the whole body is in memory (for the endpoint: in its inbox).
 All sides carry the same frame (b"P2PF", version, 8-byte length, body) and the same ack:
 
-  libp2p  p2pfed.libp2p_transport: Noise + Yamux through p2pfed.libp2p_fastpath, one kept stream per
+  libp2p  p2pfed.net.libp2p_endpoint: Noise + Yamux through p2pfed.net.fastpath, one kept stream per
           neighbour, shielded 1 MiB chunk writes, size cap before the body, the body's one copy a join.
   naive   the same frame written the obvious way on stock libp2p hosts: a new stream per update, one
           stream.write of the whole frame, 64 KiB reads joined at the end (for reference).
@@ -47,16 +47,9 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from multiaddr import Multiaddr
 
-from p2pfed.libp2p_transport import (
-    ACK,
-    FRAME_HEADER,
-    FRAME_VERSION,
-    MAGIC,
-    TransportLimits,
-    identity_from_seed,
-    open_libp2p_endpoint,
-    peer_id_of,
-)
+from p2pfed.net.framing import ACK, FRAME_HEADER, FRAME_VERSION, MAGIC
+from p2pfed.net.identity import identity_from_seed, peer_id_of
+from p2pfed.net.libp2p_endpoint import TransportLimits, open_libp2p_endpoint
 
 SIZES = (1_000_000, 10_000_000)
 REPEATS = {1_000_000: 41, 10_000_000: 15}

@@ -1,4 +1,4 @@
-"""Wire bytes of an adapter update (p2pfed.wire.encode_update) against the raw bytes of its tensors.
+"""Wire bytes of an adapter update (p2pfed.net.wire.encode_update) against the raw bytes of its tensors.
 
 Two adapters, LoRA on GPT-2's c_attn, attn.c_proj, mlp.c_fc and mlp.c_proj with peft's shapes
 (lora_A: rank x in, lora_B: out x rank), named as p2pfed names them on the wire:
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from p2pfed.wire import ENCODINGS, UpdateMessage, encode_update
+from p2pfed.net.wire import ENCODINGS, UpdateMessage, encode_update
 
 ADAPTERS = {  # name: (layers, n_embd, rank)
     "tiny": (2, 64, 8),

@@ -19,7 +19,7 @@ import trio
 
 from p2pfed import Peer, load_peer
 from p2pfed.launch import free_ports, loopback_addr, write_peer_toml
-from p2pfed.libp2p_transport import identity_from_seed, peer_id_of
+from p2pfed.net.identity import identity_from_seed, peer_id_of
 from p2pfed.node import RoundFinished, TrustChanged, UpdateReceived
 
 PROMPT = "Hello, how are"

@@ -135,7 +135,7 @@ async def _print_rounds(peer, round_finished) -> None:
 
 
 def _id(args) -> int:
-    from p2pfed.libp2p_transport import peer_id_of
+    from p2pfed.net.identity import peer_id_of
     from p2pfed.node import key_pair_of
 
     config = load_peer(args.config, args.overrides)

@@ -45,7 +45,7 @@ def loopback_addr(port: int) -> str:
 def peer_configs(config: ExperimentConfig, graph, scheme: str, seed: int, job_dir: Path,
                  ports: list[int]) -> list[PeerConfig]:
     """The experiment's job as one PeerConfig per peer. Identities come from seeds: loopback experiments only."""
-    from p2pfed.libp2p_transport import identity_from_seed, peer_id_of
+    from p2pfed.net.identity import identity_from_seed, peer_id_of
 
     identity_seeds = [derive_seed(seed, "identity", peer_name(i)) for i in range(config.num_peers)]
     peer_ids = [peer_id_of(identity_from_seed(s)) for s in identity_seeds]

@@ -26,9 +26,9 @@ import torch
 import trio
 from torch import nn
 
-from p2pfed import wire
 from p2pfed.config import ConfigError, PeerConfig
 from p2pfed.data import PeerData, make_peer_data
+from p2pfed.net import wire
 from p2pfed.model import AdapterHost, BaseModel
 from p2pfed.peer import PeerHooks, PeerLoop, PeerResult, PeerSpec, RoundRecord
 from p2pfed.seeding import derive_seed
@@ -93,7 +93,7 @@ def prepare_peer(config: PeerConfig) -> PreparedPeer:
 
 def key_pair_of(config: PeerConfig):
     """The peer's libp2p identity: its key file, else a key from identity_seed, else state_dir/identity.key."""
-    from p2pfed.libp2p_transport import identity_from_file, identity_from_seed
+    from p2pfed.net.identity import identity_from_file, identity_from_seed
 
     if config.key_file:
         return identity_from_file(config.key_file)
@@ -165,7 +165,7 @@ class Peer:
         return self.endpoint.listen_addrs
 
     async def __aenter__(self) -> "Peer":
-        from p2pfed.libp2p_transport import TransportLimits, open_libp2p_endpoint
+        from p2pfed.net.libp2p_endpoint import TransportLimits, open_libp2p_endpoint
 
         config = self.config.validate()
         if config.threads:

@@ -17,14 +17,15 @@ from typing import TypeVar
 import torch
 import trio
 
-from p2pfed import aggregate, evaluate, trust, wire
+from p2pfed import aggregate, evaluate, trust
 from p2pfed.checkpoint import CheckpointError, PeerCheckpoint, load_checkpoint, save_checkpoint
 from p2pfed.config import ExpertsConfig, Method, NetworkConfig, TrainingConfig, TrustConfig
 from p2pfed.data import PeerData
 from p2pfed.experts import is_shared
 from p2pfed.model import AdapterHost, AdapterLayout, trainable_copy
 from p2pfed.training import LocalTrainer, make_trainer
-from p2pfed.transport import Endpoint
+from p2pfed.net import wire
+from p2pfed.net.transport import Endpoint
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -20,7 +20,7 @@ from p2pfed.model import AdapterHost, AdapterLayout, BaseModel, attach_adapters,
 from p2pfed.peer import PeerHooks, PeerLoop, PeerResult, PeerSpec, RoundRecord
 from p2pfed.seeding import derive_seed
 from p2pfed.topology import build_graph, neighbours, peer_index, peer_name
-from p2pfed.transport import InMemoryNetwork
+from p2pfed.net.memory import InMemoryNetwork
 
 RoundCallback = Callable[[str, RoundRecord], None]
 

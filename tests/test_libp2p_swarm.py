@@ -91,7 +91,7 @@ def test_a_killed_peer_process_restarted_with_its_state_folder_resumes_and_rejoi
 
 
 def test_a_peer_embedded_in_a_trio_app_trains_in_the_background_and_reports_events(tmp_path):
-    from p2pfed.libp2p_transport import identity_from_seed, peer_id_of
+    from p2pfed.net.identity import identity_from_seed, peer_id_of
 
     ports = free_ports(2)
     ids = [peer_id_of(identity_from_seed(100 + i)) for i in range(2)]
@@ -159,8 +159,9 @@ def test_a_networked_peer_drops_bad_frames_from_a_raw_libp2p_client_and_keeps_ru
 
     import torch
 
-    from p2pfed import wire
-    from p2pfed.libp2p_transport import identity_from_seed, open_libp2p_endpoint, peer_id_of
+    from p2pfed.net import wire
+    from p2pfed.net.identity import identity_from_seed, peer_id_of
+    from p2pfed.net.libp2p_endpoint import open_libp2p_endpoint
 
     ports = free_ports(2)
     raw_key = identity_from_seed(301)

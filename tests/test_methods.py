@@ -8,14 +8,15 @@ import logging
 import pytest
 import torch
 
-from p2pfed import aggregate, trust, wire
+from p2pfed import aggregate, trust
+from p2pfed.net import wire
 from p2pfed.config import NetworkConfig, parse_method
 from p2pfed.data import make_peer_data
 from p2pfed.experts import is_shared
 from p2pfed.model import AdapterLayout
 from p2pfed.peer import PeerLoop, PeerSpec
 from p2pfed.swarm import job_setup, peer_specs, run_job
-from p2pfed.transport import InMemoryNetwork
+from p2pfed.net.memory import InMemoryNetwork
 from tests.conftest import run_peer_fed_by, small_config
 
 

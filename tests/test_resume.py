@@ -11,7 +11,7 @@ from p2pfed.config import NetworkConfig, parse_method
 from p2pfed.data import make_peer_data
 from p2pfed.peer import PeerLoop, PeerSpec
 from p2pfed.swarm import run_job
-from p2pfed.transport import InMemoryNetwork
+from p2pfed.net.memory import InMemoryNetwork
 from tests.conftest import small_config
 
 

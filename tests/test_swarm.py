@@ -5,13 +5,13 @@ import logging
 import pytest
 import torch
 
-from p2pfed import wire
+from p2pfed.net import wire
 from p2pfed.data import make_peer_data
 from p2pfed.peer import PeerLoop, PeerSpec
 from p2pfed.report import same_group_trust, summarize
 from p2pfed.swarm import run_job
 from p2pfed.config import NetworkConfig, parse_method
-from p2pfed.transport import InMemoryNetwork
+from p2pfed.net.memory import InMemoryNetwork
 from tests.conftest import run_peer_fed_by, small_config
 
 

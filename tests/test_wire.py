@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from p2pfed.wire import (
+from p2pfed.net.wire import (
     ENCODINGS,
     UpdateMessage,
     WireError,

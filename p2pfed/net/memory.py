@@ -1,7 +1,7 @@
-"""How encoded updates travel between peers: one small interface, and its in-memory implementation.
+"""An in-memory network: many peers in one process, each with its own Endpoint.
 
 A peer only ever calls `send` and `receive` on its own endpoint; it never sees the network object.
-The in-memory network delivers within one process, with message drop, delay and churn as plain knobs.
+The network delivers within one process, with message drop, delay and churn as plain knobs.
 Fault decisions are hashed from (seed, sender, receiver, message number), never drawn in call order,
 so they do not depend on how trio happens to schedule the peers.
 """
@@ -12,7 +12,6 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import trio
 
@@ -20,19 +19,6 @@ from p2pfed.config import NetworkConfig
 from p2pfed.seeding import uniform
 
 log = logging.getLogger(__name__)
-
-
-class Endpoint(Protocol):
-    """A peer's view of the network. `sender` names come from the transport, never from the payload."""
-
-    name: str
-    bytes_sent: int
-
-    async def send(self, to: str, payload: bytes) -> None: ...
-
-    async def receive(self) -> tuple[str, bytes]: ...
-
-    def online(self, round_index: int) -> bool: ...
 
 
 @dataclass

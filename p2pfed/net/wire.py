@@ -38,7 +38,7 @@ _SCHEMA_KEY_LEN = max(len(k) for k in (*_TOP_KEYS, *_TENSOR_KEYS, *_WIRE_DTYPES)
 # torch.frombuffer reads native byte order and the format is little-endian; torch has no
 # big-endian builds we run on, so refuse loudly rather than decode garbage.
 if sys.byteorder != "little":  # pragma: no cover
-    raise ImportError("p2pfed.wire assumes a little-endian machine")
+    raise ImportError("p2pfed.net.wire assumes a little-endian machine")
 
 
 class WireError(ValueError):

@@ -7,15 +7,12 @@
 
 A peer's name on the network is its peer ID, which Noise authenticates: `receive()` names the sender by
 the ID of the connection the bytes came on, never by anything in the payload. A peer accepts streams only
-from its neighbours' IDs. The transport moves bytes; the peer decodes them (p2pfed.wire), so nothing here
+from its neighbours' IDs. The transport moves bytes; the peer decodes them (p2pfed.net.wire), so nothing here
 unpickles or parses what arrives beyond the frame header.
 
 Updates to a neighbour go out one after another on one long-lived stream on PROTOCOL_ID (opening a
-stream costs 8-16 ms; a kept one also keeps the Yamux window it has grown), one frame each:
-
-    magic b"P2PF" | version (1 byte) | body length (8 bytes, big-endian) | body
-
-and the receiver answers each with a 1-byte ack. It checks the length against `max_message_bytes` before
+stream costs 8-16 ms; a kept one also keeps the Yamux window it has grown), one frame each
+(`p2pfed.net.framing`), and the receiver answers each with a 1-byte ack. It checks the length against `max_message_bytes` before
 reading the rest of the body (it reads at most READ_AHEAD bytes at once, header included), reads the body
 whole (Yamux resets a sender whose receiver stops reading for 5 s), hands it to a bounded inbox and then
 acks. Any failure on a stream (a timeout, a reset, a bad frame) resets it, so a stream never carries on
@@ -24,12 +21,12 @@ whole (the neighbour restarted, or reset it) is replaced and the frame sent agai
 whole frames only, so this cannot duplicate one. A send that fails (the neighbour is gone, refuses, or is
 too slow) is logged and counted, never raised into the peer's loop.
 
-Hosts offer Noise only and Yamux only, through `p2pfed.libp2p_fastpath`, which also moves bulk data
+Hosts offer Noise only and Yamux only, through `p2pfed.net.fastpath`, which also moves bulk data
 several times faster than stock py-libp2p with the same protocols on the wire (see its docstring).
 py-libp2p's default hosts also accept /plaintext/2.0.0, in which a dialler can claim any peer ID whose
 public key it knows: offering Noise alone is what makes the peer ID an authenticated name.
 
-Facts about py-libp2p 0.8.1 that shape this module (shared/docs/libp2p-notes.md has the measurements):
+Facts about py-libp2p 0.8.1 that shape this module (docs/libp2p.md has the measurements):
 - A write cut off half-way (after Noise has sealed a message, before the socket took it) can wedge or
   tear down the connection. So nothing that writes on a shared connection is cancelled: opening a stream
   and each 1 MiB chunk of the body run shielded, the deadline is checked between chunks, and where a
@@ -42,22 +39,14 @@ Facts about py-libp2p 0.8.1 that shape this module (shared/docs/libp2p-notes.md 
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
 import logging
-import os
-import struct
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import trio
 from libp2p import new_host
 from libp2p.abc import IHost, INetStream
-from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.keys import KeyPair
-from libp2p.custom_types import TProtocol
-from libp2p.exceptions import BaseLibp2pError
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
@@ -66,67 +55,21 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from multiaddr import Multiaddr
 
-from p2pfed.libp2p_fastpath import security_options, use_fast_stream
+from p2pfed.net.fastpath import security_options, use_fast_stream
+from p2pfed.net.framing import (
+    ACK,
+    PROTOCOL_ID,
+    READ_AHEAD,
+    STREAM_ERRORS,
+    FrameError,
+    frame_pieces,
+    read_frame,
+    read_upto,
+    reset_stream,
+)
+from p2pfed.net.identity import dial_addrs, parse_peer_id
 
 log = logging.getLogger(__name__)
-
-PROTOCOL_ID = TProtocol("/p2pfed/update/1.1.0")  # 1.1: many frames per stream
-MAGIC = b"P2PF"
-FRAME_VERSION = 1
-FRAME_HEADER = struct.Struct(">4sBQ")  # magic, version, body length
-ACK = b"\x06"
-
-WRITE_CHUNK = 1 << 20  # bytes written, shielded from cancellation, between deadline checks
-FIRST_PIECE = 64 * 1024  # body bytes that travel with the frame header
-READ_AHEAD = 1 << 20  # bytes a receiver reads at once, the frame header among them
-
-_SEED_DOMAIN = b"p2pfed/libp2p-identity/v1:"
-_KEY_FILE_BYTES = 32
-
-
-# ---------------------------------------------------------------------------------------------
-# Identity
-
-
-def identity_from_seed(seed: bytes | int) -> KeyPair:
-    """A deterministic Ed25519 key pair: the same peer ID on every run and machine.
-
-    `seed` is 32 raw bytes, or an int hashed (with a domain tag) into 32 bytes. Anyone who knows the
-    seed has the private key: seeds are for tests and simulations, key files for real deployments.
-    """
-    if isinstance(seed, bool) or not isinstance(seed, (bytes, int)):
-        raise TypeError(f"seed must be 32 bytes or an int, got {type(seed).__name__}")
-    if isinstance(seed, int):
-        seed = hashlib.sha256(_SEED_DOMAIN + str(seed).encode()).digest()
-    if len(seed) != _KEY_FILE_BYTES:
-        raise ValueError(f"seed must be exactly {_KEY_FILE_BYTES} bytes, got {len(seed)}")
-    return create_new_key_pair(seed)
-
-
-def identity_from_file(path: str | os.PathLike[str]) -> KeyPair:
-    """The key pair whose 32-byte Ed25519 seed is stored at `path`; a new random one is created (0600) if absent."""
-    path = Path(path)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    else:
-        with os.fdopen(fd, "wb") as file:
-            file.write(os.urandom(_KEY_FILE_BYTES))
-        log.info("created a new identity key at %s", path)
-    mode = path.stat().st_mode
-    if mode & 0o077:
-        log.warning("identity key %s is readable by others (mode %o); chmod 600 it", path, mode & 0o777)
-    seed = path.read_bytes()
-    if len(seed) != _KEY_FILE_BYTES:
-        raise ValueError(f"identity key {path} must hold exactly {_KEY_FILE_BYTES} bytes, it holds {len(seed)}")
-    return create_new_key_pair(seed)
-
-
-def peer_id_of(key_pair: KeyPair) -> str:
-    """The peer ID (base58) of a key pair: the peer's name on the network."""
-    return ID.from_pubkey(key_pair.public_key).to_base58()
-
 
 # ---------------------------------------------------------------------------------------------
 # Configuration
@@ -167,32 +110,6 @@ class _SendFailed(Exception):
     """A send to a neighbour did not complete; the message says why."""
 
 
-# What a write on a stream that died under us raises (reset, closed, connection gone).
-_STREAM_ERRORS = (BaseLibp2pError, OSError, trio.BrokenResourceError, trio.ClosedResourceError)
-
-
-@functools.lru_cache(maxsize=1024)  # base58 decoding costs ~15 us a send
-def _peer_id(peer_id: str) -> ID:
-    try:
-        return ID.from_base58(peer_id)
-    except Exception as error:  # base58 raises ValueError; short inputs other things
-        raise ValueError(f"{peer_id!r} is not a peer ID: {error}") from error
-
-
-def _multiaddrs(peer_id: str, addrs: Iterable[str | Multiaddr]) -> list[Multiaddr]:
-    """Dialable addresses without a trailing /p2p/<id> (which, if present, must name `peer_id`)."""
-    result = []
-    for addr in addrs:
-        text = str(addr)
-        head, sep, tail = text.partition("/p2p/")
-        if sep:
-            if tail != peer_id:
-                raise ValueError(f"address {text} names peer {tail}, not {peer_id}")
-            text = head
-        result.append(Multiaddr(text))
-    return result
-
-
 # ---------------------------------------------------------------------------------------------
 # The endpoint
 
@@ -231,7 +148,7 @@ class Libp2pEndpoint:
             self._failed(to, state, str(failure))
         except trio.TooSlowError:
             self._failed(to, state, f"timed out after {self.limits.send_timeout_s:g} s")
-        except (BaseLibp2pError, OSError, trio.BrokenResourceError, trio.ClosedResourceError) as error:
+        except STREAM_ERRORS as error:
             self._failed(to, state, f"{type(error).__name__}: {error}".rstrip(": "))
         except Exception as error:  # whatever libp2p raises, the peer loop carries on
             log.exception("%s: unexpected error sending to %s", self.name, to)
@@ -266,8 +183,8 @@ class Libp2pEndpoint:
         if peer_id in self._neighbours:
             self.set_neighbour_addrs(peer_id, addrs)
             return
-        _peer_id(peer_id)  # validate before anything reaches libp2p
-        self._neighbours[peer_id] = NeighbourState(_multiaddrs(peer_id, addrs))
+        parse_peer_id(peer_id)  # validate before anything reaches libp2p
+        self._neighbours[peer_id] = NeighbourState(dial_addrs(peer_id, addrs))
         self._forget_addrs(peer_id)
 
     def set_neighbour_addrs(self, peer_id: str, addrs: Iterable[str | Multiaddr]) -> None:
@@ -275,17 +192,13 @@ class Libp2pEndpoint:
         state = self._neighbours.get(peer_id)
         if state is None:
             raise KeyError(f"{peer_id} is not a neighbour; add_neighbour first")
-        state.addrs = _multiaddrs(peer_id, addrs)
+        state.addrs = dial_addrs(peer_id, addrs)
         self._forget_addrs(peer_id)
-
-    def remove_neighbour(self, peer_id: str) -> None:
-        """Stop accepting from and sending to `peer_id` (an existing connection stays until it idles out)."""
-        self._neighbours.pop(peer_id, None)
 
     def _forget_addrs(self, peer_id: str) -> None:
         # libp2p dials only one address per transport class, so a stale one would shadow the new
         # one; and after all addresses of a peer are refused it refuses that peer for 60 s.
-        pid = _peer_id(peer_id)
+        pid = parse_peer_id(peer_id)
         self._host.get_peerstore().clear_addrs(pid)
         self._host.get_network().unblock_peer(pid)
 
@@ -321,7 +234,7 @@ class Libp2pEndpoint:
         stream = await self._stream(to, state, deadline)
         try:
             await self._write_frame(to, stream, payload, deadline)
-        except _STREAM_ERRORS as error:
+        except STREAM_ERRORS as error:
             if not kept:
                 raise
             # The kept stream died since the last send (the neighbour restarted, reset it, or the
@@ -335,7 +248,7 @@ class Libp2pEndpoint:
         with trio.move_on_at(deadline) as ack_wait:
             # Cancelling a read is safe but in the window update it may write (at a stream's first read,
             # then every 4 MiB read; a hit burns a Noise nonce: the neighbour drops the connection, we redial).
-            ack = await _read_upto(stream, 1)
+            ack = await read_upto(stream, 1)
         if ack_wait.cancelled_caught:
             raise _SendFailed(f"no ack within {self.limits.send_timeout_s:g} s")
         if ack != ACK:
@@ -343,7 +256,7 @@ class Libp2pEndpoint:
 
     async def _stream(self, to: str, state: NeighbourState, deadline: float) -> INetStream:
         """The neighbour's kept stream, or a new one (dialling first if not connected)."""
-        pid = _peer_id(to)
+        pid = parse_peer_id(to)
         if not self._host.get_network().get_connections(pid):
             await self._forget_stream(state)  # it belonged to a connection that is gone
             with trio.move_on_at(deadline) as dialling:  # nothing shared to wedge before we are connected
@@ -368,7 +281,7 @@ class Libp2pEndpoint:
     async def _forget_stream(self, state: NeighbourState) -> None:
         stream, state.stream = state.stream, None
         if stream is not None:
-            await _reset(stream)
+            await reset_stream(stream)
 
     async def wait_for_neighbours(self, timeout: float, retry_s: float = 0.25) -> list[str]:
         """Dial every neighbour with a known address until all are connected or `timeout` passes.
@@ -380,7 +293,7 @@ class Libp2pEndpoint:
         network = self._host.get_network()
 
         def unreached() -> list[str]:
-            return [peer for peer in self._neighbours if not network.get_connections(_peer_id(peer))]
+            return [peer for peer in self._neighbours if not network.get_connections(parse_peer_id(peer))]
 
         with trio.move_on_after(timeout):
             while pending := unreached():
@@ -390,7 +303,7 @@ class Libp2pEndpoint:
                         continue
                     with trio.move_on_after(max(retry_s, 1.0)) as dialling:
                         try:
-                            await self._dial(peer, _peer_id(peer), state)
+                            await self._dial(peer, parse_peer_id(peer), state)
                         except Exception as error:  # not listening yet: try again
                             log.debug("%s: %s not reachable yet: %s", self.name, peer, error)
                     if dialling.cancelled_caught:
@@ -407,15 +320,7 @@ class Libp2pEndpoint:
         await self._host.connect(PeerInfo(pid, state.addrs))
 
     async def _write_frame(self, to: str, stream: INetStream, payload: bytes, deadline: float) -> None:
-        header = FRAME_HEADER.pack(MAGIC, FRAME_VERSION, len(payload))
-        body = memoryview(payload)
-        # The header goes with the first bytes of the body (a small copy; a write of its own would cost a
-        # Noise message and a Yamux frame), the rest in slices of the payload, without copying.
-        first = min(len(body), FIRST_PIECE)
-        pieces = [(header + body[:first], first)]
-        for at in range(first, len(body), WRITE_CHUNK):
-            chunk = body[at : at + WRITE_CHUNK]
-            pieces.append((chunk, len(chunk)))
+        pieces = frame_pieces(payload)
         for index, (piece, body_bytes) in enumerate(pieces):
             if index:
                 if trio.current_time() >= deadline:
@@ -435,7 +340,7 @@ class Libp2pEndpoint:
         log.info("%s: dropping the connection to %s", self.name, peer_id)
         with trio.CancelScope(shield=True), trio.move_on_after(2.0):
             try:
-                await self._host.disconnect(_peer_id(peer_id))
+                await self._host.disconnect(parse_peer_id(peer_id))
             except Exception as error:
                 log.debug("%s: disconnecting %s failed: %s", self.name, peer_id, error)
 
@@ -452,23 +357,23 @@ class Libp2pEndpoint:
         sender = stream.muxed_conn.peer_id.to_base58()  # authenticated by Noise
         if sender not in self._neighbours:
             log.warning("%s: refused a stream from %s, which is not a neighbour", self.name, sender)
-            await _reset(stream)
+            await reset_stream(stream)
             return
         if self._inbound.get(sender, 0) >= self.limits.max_inbound_per_neighbour:
             log.warning("%s: refused a stream from %s, which already has %d streams open to us", self.name,
                         sender, self._inbound[sender])
-            await _reset(stream)
+            await reset_stream(stream)
             return
         self._inbound[sender] = self._inbound.get(sender, 0) + 1
         use_fast_stream(stream)
         try:
             await self._serve_stream(sender, stream)
-        except (BaseLibp2pError, OSError, trio.BrokenResourceError, trio.ClosedResourceError) as error:
+        except STREAM_ERRORS as error:
             log.warning("%s: stream from %s failed: %s %s", self.name, sender, type(error).__name__, error)
-            await _reset(stream)
+            await reset_stream(stream)
         except Exception:
             log.exception("%s: unexpected error on a stream from %s", self.name, sender)
-            await _reset(stream)
+            await reset_stream(stream)
         finally:
             self._inbound[sender] -= 1
             if not self._inbound[sender]:
@@ -489,11 +394,11 @@ class Libp2pEndpoint:
                     return
             if sender not in self._neighbours:
                 log.warning("%s: dropped an update from %s, which is no longer a neighbour", self.name, sender)
-                await _reset(stream)
+                await reset_stream(stream)
                 return
             start = await self._take_update(sender, stream, start)
             if start is None:
-                await _reset(stream)
+                await reset_stream(stream)
                 return
             await stream.write(ACK)
 
@@ -518,47 +423,17 @@ class Libp2pEndpoint:
         log.warning("%s: dropped an update from %s: not read whole within %g s", self.name, sender,
                     self.limits.receive_timeout_s)
         # The cancelled read may have been sending a window update: start afresh.
-        await _reset(stream)
+        await reset_stream(stream)
         await self._drop_connection(sender)
         return None
 
     async def _read_frame(self, sender: str, stream: INetStream, start: bytes) -> tuple[bytes, bytes] | None:
-        """The frame's body and the bytes read past it, or None when it is malformed (logged here).
-
-        `start` holds its first bytes, read already (at most READ_AHEAD: the rest of the body is read only
-        once its length has passed the size check).
-        """
-        if len(start) < FRAME_HEADER.size:
-            start += await _read_upto(stream, FRAME_HEADER.size - len(start))
-        if len(start) < FRAME_HEADER.size:
-            log.warning("%s: dropped a truncated frame header (%d of %d bytes) from %s", self.name, len(start),
-                        FRAME_HEADER.size, sender)
+        """The frame's body and the bytes read past it, or None when it is malformed (logged here)."""
+        try:
+            return await read_frame(stream, start, self.limits.max_message_bytes)
+        except FrameError as error:
+            log.warning("%s: dropped a frame from %s: %s", self.name, sender, error)
             return None
-        magic, version, length = FRAME_HEADER.unpack_from(start)
-        if magic != MAGIC or version != FRAME_VERSION:
-            log.error("%s: dropped a frame from %s: bad magic or version %r (expected %r)", self.name, sender,
-                      start[:5], MAGIC + bytes([FRAME_VERSION]))
-            return None
-        if length > self.limits.max_message_bytes:
-            log.error("%s: refused a %d-byte update from %s: over max_message_bytes=%d", self.name, length,
-                      sender, self.limits.max_message_bytes)
-            return None
-        head = memoryview(start)[FRAME_HEADER.size :]
-        if len(head) >= length:
-            return bytes(head[:length]), bytes(head[length:])
-        chunks, got = [head], len(head)
-        while got < length:
-            try:
-                data = await stream.read(length - got)  # returns what is buffered
-            except StreamEOF:
-                data = b""
-            if not data:
-                log.warning("%s: dropped a truncated update from %s: %d of %d bytes", self.name, sender, got,
-                            length)
-                return None
-            chunks.append(data)
-            got += len(data)
-        return b"".join(chunks), b""  # the body's only copy on our side
 
 
 async def _acquire_by(resource: trio.Lock | trio.Semaphore, deadline: float) -> bool:
@@ -572,30 +447,6 @@ async def _acquire_by(resource: trio.Lock | trio.Semaphore, deadline: float) -> 
         await resource.acquire()
         return True
     return False
-
-
-async def _read_upto(stream: INetStream, n: int) -> bytes:
-    """Up to `n` bytes: fewer only at the end of the stream. (libp2p's read_exactly fails from ~7 MB.)"""
-    chunks = []
-    got = 0
-    while got < n:
-        try:
-            data = await stream.read(n - got)  # returns what is buffered
-        except StreamEOF:
-            break
-        if not data:
-            break
-        chunks.append(data)
-        got += len(data)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-async def _reset(stream: INetStream) -> None:
-    with trio.CancelScope(shield=True), trio.move_on_after(2.0):
-        try:
-            await stream.reset()
-        except Exception as error:  # the connection may be gone already
-            log.debug("resetting a stream failed: %s", error)
 
 
 @contextlib.asynccontextmanager

@@ -1,0 +1,12 @@
+"""The network layer: how a peer's updates are encoded and travel.
+
+    wire             the message format (msgpack, strict schema, bounded; never pickle)
+    transport        the Endpoint interface a peer talks to
+    memory           an in-memory network for many peers in one process (drop, delay, churn)
+    identity         libp2p key pairs and peer IDs
+    framing          length-prefixed frames on a libp2p stream, and stream helpers
+    libp2p_endpoint  the Endpoint over py-libp2p: one host per peer, streams to neighbours
+    fastpath         faster Noise and Yamux data paths for p2pfed's own streams
+
+Nothing here imports the model or the peer loop; the in-memory network does not import libp2p.
+"""
