@@ -268,7 +268,7 @@ def test_missing_top_level_key_rejected():
         (lambda e: e.update(data=e["data"] + b"\x00"), "bytes"),
         (lambda e: e.update(dtype="float64"), "dtype"),
         (lambda e: e.update(dtype="int8"), "dtype"),
-        (lambda e: e.update(shape=[1, 1, 1, 1, e["shape"][0] * e["shape"][1]]), "max_array_len"),
+        (lambda e: e.update(shape=[1, 1, 1, 1, e["shape"][0] * e["shape"][1]]), "max_dims"),
         (lambda e: e.update(shape=[-1, 8]), "shape"),
         (lambda e: e.update(shape=[True, 8]), "shape"),
         (lambda e: e.update(shape="8,64"), "shape"),
@@ -322,6 +322,260 @@ def test_pickle_payloads_rejected_without_running_them():
     with pytest.raises(WireError):
         decode_update(pack(obj))
     assert _UNPICKLED == []
+
+
+# ---------------------------------------------------------------------------
+# Hostile structure: nesting bombs, forged lengths, hostile strings, escaping exceptions.
+
+_PLACEHOLDER = "@@PLACEHOLDER@@"
+# Where a value can sit in a message: a top-level field, a tensor entry's field, or a tensor name.
+_FIELDS = ("v", "sender", "round", "degree", "num_samples", "tensors", "dtype", "shape", "data", "name")
+
+
+def message_with(field: str, value, message: UpdateMessage | None = None) -> dict:
+    """A valid message (as plain msgpack data) with one field, or the first tensor's name, replaced."""
+    obj = msgpack.unpackb(encode_update(message or make_message()), raw=False)
+    if field == "name":
+        entries = list(obj["tensors"].items())
+        obj["tensors"] = {value: entries[0][1], **dict(entries[1:])}
+    elif field in ("dtype", "shape", "data"):
+        first_entry(obj)[field] = value
+    else:
+        obj[field] = value
+    return obj
+
+
+def splice(field: str, packed_value: bytes, message: UpdateMessage | None = None) -> bytes:
+    """A valid message whose `field` holds raw msgpack bytes, such as ones msgpack.packb will not produce."""
+    data = pack(message_with(field, _PLACEHOLDER, message))
+    marker = pack(_PLACEHOLDER)
+    assert data.count(marker) == 1
+    return data.replace(marker, packed_value)
+
+
+def nesting_bomb(depth: int, kind: str = "array") -> bytes:
+    """`depth` containers, one inside the other: 1 byte per level (arrays) or 3 (maps)."""
+    return (b"\x91" if kind == "array" else b"\x81\xa1k") * depth + b"\x00"
+
+
+@pytest.mark.parametrize("depth", [5, 10, 100, 1000, 100_000])
+@pytest.mark.parametrize("field", _FIELDS)
+def test_nesting_bomb_in_any_field_is_refused_before_parsing(field, depth, monkeypatch):
+    # Once found with depth ~1,000 in `shape`: msgpack accepted it and the error message's repr()
+    # raised RecursionError. Now the pre-scan refuses it before msgpack runs at all.
+    bombs = [splice(field, nesting_bomb(depth, kind)) for kind in ("array", "map")]
+    monkeypatch.setattr(msgpack, "unpackb", lambda *a, **k: pytest.fail("reached the parser"))
+    for bomb in bombs:
+        with pytest.raises(WireError, match="more than 4 levels deep") as error:
+            decode_update(bomb)
+        assert len(str(error.value)) < 100
+
+
+def test_nesting_within_the_schema_depth_is_not_refused_for_depth():
+    # A shape of one-element lists: depth 5 in all, refused; the pre-scan allows 4, the schema's depth.
+    with pytest.raises(WireError, match="levels deep"):
+        decode_update(pack(message_with("shape", [[8], 64])))
+    # A list for `v` (depth 2) passes the pre-scan and fails the schema check, naming only the type.
+    with pytest.raises(WireError, match="version.*got list"):
+        decode_update(pack(message_with("v", [[[1]]])))
+
+
+@pytest.mark.parametrize("depth", [10, 1000, 100_000])
+def test_nesting_bomb_refused_with_the_pure_python_unpacker(depth, monkeypatch):
+    # msgpack's C unpacker stops at its 1024-level stack, but the pure-Python fallback
+    # (MSGPACK_PUREPYTHON=1) only at the recursion limit: the bound must not come from msgpack.
+    import msgpack.fallback
+
+    monkeypatch.setattr(msgpack, "unpackb", msgpack.fallback.unpackb)
+    with pytest.raises(WireError, match="levels deep"):
+        decode_update(splice("shape", nesting_bomb(depth)))
+    assert decode_update(encode_update(make_message())).sender == "peer-3"
+
+
+_FORGED = [
+    (b"\xc6\x0f\xff\xff\xff", "truncated"),  # bin32 of 256 MiB - 1, none of it sent
+    (b"\xc6\xff\xff\xff\xff", "bin of 4294967295 bytes, over the limit"),
+    (b"\xdb\xff\xff\xff\xff", "str of 4294967295 bytes, over the limit"),
+    (b"\xdd\xff\xff\xff\xff", "array of 4294967295 items, over the limit"),
+    (b"\xdf\xff\xff\xff\xff", "map of 4294967295 entries, over the limit"),
+    (b"\xde\x10\x00", "truncated"),  # map16 of 4096 entries, none sent
+    (b"\xdc\x00\x04", "truncated"),  # array16 of 4 items, none sent
+    (b"\xc7\x01\x00\x00", "extension"),
+    (b"\xd4\x00\x00", "extension"),
+    (b"\xc1", "reserved"),
+]
+
+
+@pytest.mark.parametrize(("header", "match"), _FORGED)
+def test_forged_lengths_and_refused_types_never_reach_the_parser(header, match, monkeypatch):
+    # A small message, so a forged count of items is more than the bytes left after it.
+    small = make_message(tensors={"a": torch.zeros(2, 3)})
+    spliced = {field: splice(field, header, small) for field in ("data", "shape", "sender", "tensors", "name")}
+    monkeypatch.setattr(msgpack, "unpackb", lambda *a, **k: pytest.fail("reached the parser"))
+    with pytest.raises(WireError, match=match):
+        decode_update(header)
+    for data in spliced.values():
+        # Inside a message the same bytes may trip the depth bound first.
+        with pytest.raises(WireError, match=f"{match}|levels deep"):
+            decode_update(data)
+
+
+def test_object_count_is_bounded_by_what_a_valid_message_can_hold():
+    limits = WireLimits(max_tensors=16)
+    # 16 maps of 16 entries each: depth 2, every length within limits, 545 objects.
+    inner = b"\xde\x00\x10" + b"\x00\x00" * 16
+    bomb = b"\xde\x00\x10" + b"".join(bytes([i]) + inner for i in range(16))
+    with pytest.raises(WireError, match="more msgpack objects than any valid update"):
+        decode_update(bomb, limits=limits)
+    decode_update(encode_update(make_message()), limits=limits)  # 4 tensors: well within
+
+
+def test_trailing_bytes_and_truncated_payloads_refused():
+    data = encode_update(make_message())
+    with pytest.raises(WireError, match="3 bytes after the message"):
+        decode_update(data + b"\x00\x00\x00")
+    with pytest.raises(WireError, match="truncated"):
+        decode_update(data[:-1])  # inside the last tensor's bin payload
+
+
+@pytest.mark.parametrize("field", ["dtype", "sender", "v", "name", "round", "shape"])
+def test_hostile_strings_are_shown_short_escaped_and_on_one_line(field):
+    hostile = "\n\x1b[31mFAKE LOG LINE\r\u202e" + "x" * 900
+    with pytest.raises(WireError) as error:
+        decode_update(pack(message_with(field, hostile)))
+    text = str(error.value)
+    assert len(text) < 300
+    assert not any(c in text for c in "\n\r\x1b\u202e")
+    assert "x" * 100 not in text
+
+
+def test_many_unexpected_keys_are_summarised():
+    obj = raw_message()
+    first_entry(obj).update({f"junk-{i}": [i] for i in range(4000)})
+    with pytest.raises(WireError, match="3992 more") as error:
+        decode_update(pack(obj))
+    assert len(str(error.value)) < 300
+
+
+@pytest.mark.parametrize(("key", "match"), [(1, "ValueError"), (None, "ValueError"), (1.5, "ValueError"),
+                                            (b"v", "unexpected \\[bytes\\]")])
+def test_map_keys_of_other_types_refused(key, match):
+    for where in ("message", "entry"):
+        obj = raw_message()
+        (obj if where == "message" else first_entry(obj))[key] = 1
+        with pytest.raises(WireError, match=match):
+            decode_update(pack(obj))
+
+
+def test_invalid_utf8_refused():
+    data = splice("sender", b"\xa2\xff\xfe")  # fixstr of 2 bytes that are not UTF-8
+    with pytest.raises(WireError, match="UnicodeDecodeError"):
+        decode_update(data)
+
+
+@pytest.mark.parametrize("exc_type", [MemoryError, OverflowError, RecursionError, TypeError, ValueError, KeyError])
+def test_any_other_exception_becomes_wire_error(exc_type, monkeypatch):
+    # A last line of defence: whatever a future check misses is still a dropped message.
+    def boom(*_args, **_kwargs):
+        raise exc_type("'quoted' input \n that must not be shown")
+
+    monkeypatch.setattr(torch, "frombuffer", boom)
+    with pytest.raises(WireError, match=f"^malformed message \\({exc_type.__name__}\\)$") as error:
+        decode_update(encode_update(make_message()))
+    assert isinstance(error.value.__cause__, exc_type)
+
+
+def test_buffers_of_other_formats_and_layouts():
+    data = encode_update(make_message())
+    assert decode_update(memoryview(data)).sender == "peer-3"
+    assert decode_update(bytearray(data)).sender == "peer-3"
+    padded = data + b"\x00" * (-len(data) % 4)
+    with pytest.raises(WireError, match="bytes after the message"):
+        decode_update(memoryview(padded).cast("I"))  # read as bytes, whatever the item format
+    with pytest.raises(WireError):
+        decode_update(memoryview(data)[::2])  # not contiguous
+
+
+# ---------------------------------------------------------------------------
+# Bounds on numbers: element magnitude, degree, num_samples.
+
+
+def entry_of(values: torch.Tensor, dtype: str = "float32") -> dict:
+    wire_values = values.to(getattr(torch, dtype))
+    return {"dtype": dtype, "shape": list(values.shape), "data": wire_values.view(torch.uint8).numpy().tobytes()}
+
+
+@pytest.mark.parametrize("big", [3e38, -3e38, 1e4 * 1.001, 65504.0, -2e4])
+def test_finite_values_beyond_max_abs_value_refused(big):
+    # 3e38 is finite as float32 and passed before; summed over neighbours it became inf.
+    obj = raw_message(tensors={"big": entry_of(torch.tensor([0.5, big, -0.25]))})
+    with pytest.raises(WireError, match="'big'.*beyond \\+-10000 \\(max_abs_value\\)"):
+        decode_update(pack(obj))
+    relaxed = WireLimits(max_abs_value=float(abs(big)) * 2)
+    assert decode_update(pack(obj), limits=relaxed).tensors["big"][1].item() == pytest.approx(big)
+
+
+def test_values_at_max_abs_value_accepted():
+    obj = raw_message(tensors={"edge": entry_of(torch.tensor([1e4, -1e4, 0.0]))})
+    assert decode_update(pack(obj)).tensors["edge"].abs().max().item() == 1e4
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_max_abs_value_applies_to_every_dtype(dtype):
+    values = torch.tensor([4096.0, -4096.0, 0.0, 1.0])  # exact in all three
+    obj = raw_message(tensors={"edge": entry_of(values, dtype)})
+    assert torch.equal(decode_update(pack(obj), limits=WireLimits(max_abs_value=4096.0)).tensors["edge"], values)
+    with pytest.raises(WireError, match="max_abs_value"):
+        decode_update(pack(obj), limits=WireLimits(max_abs_value=4095.0))
+
+
+@pytest.mark.parametrize("size", [1, 7, 8, 9, 33, 4096, 100_003])
+def test_non_finite_anywhere_in_a_large_tensor_refused(size):
+    # aminmax runs vectorised: a NaN in the tail or the head must still show.
+    for position in sorted({0, size // 2, size - 1}):
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            values = torch.zeros(size)
+            values[position] = bad
+            obj = raw_message(tensors={"t": entry_of(values)})
+            with pytest.raises(WireError, match="non-finite"):
+                decode_update(pack(obj))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "accepted"),
+    [
+        ("num_samples", 2**63, False),
+        ("num_samples", 2**64 - 1, False),
+        ("num_samples", 2**40 + 1, False),
+        ("num_samples", 2**40, True),
+        ("degree", 1_000_001, False),
+        ("degree", 2**63 - 1, False),
+        ("degree", 1_000_000, True),
+        ("degree", -(2**63), False),
+        ("round", 2**64 - 1, True),  # rounds are compared with the receiver's own, not summed
+    ],
+)
+def test_self_reported_counts_bounded(field, value, accepted):
+    data = pack(raw_message(**{field: value}))
+    if accepted:
+        assert getattr(decode_update(data), field) == value
+    else:
+        with pytest.raises(WireError, match=field):
+            decode_update(data)
+
+
+def test_count_limits_are_configurable():
+    data = pack(raw_message(degree=5, num_samples=100))
+    with pytest.raises(WireError, match="degree is over the limit of 4"):
+        decode_update(data, limits=WireLimits(max_degree=4))
+    with pytest.raises(WireError, match="num_samples is over the limit of 99"):
+        decode_update(data, limits=WireLimits(max_num_samples=99))
+
+
+def test_max_bytes_default_is_the_network_config_default():
+    from p2pfed.config import NetworkConfig
+
+    assert WireLimits().max_bytes == NetworkConfig().max_message_bytes
 
 
 # ---------------------------------------------------------------------------
