@@ -60,6 +60,16 @@ async def read_frame(stream: INetStream, start: bytes, max_bytes: int) -> tuple[
 
     The rest of the body is read only once its declared length has passed `max_bytes`. Raises FrameError.
     """
+    length, head = await read_frame_header(stream, start, max_bytes)
+    return await read_frame_body(stream, length, head)
+
+
+async def read_frame_header(stream: INetStream, start: bytes, max_bytes: int) -> tuple[int, memoryview]:
+    """The declared body length of the frame that begins with `start`, and the bytes read past its header
+    (a view of `start`: no copy).
+
+    Raises FrameError for a bad or truncated header, or a length over `max_bytes`.
+    """
     if len(start) < FRAME_HEADER.size:
         start += await read_upto(stream, FRAME_HEADER.size - len(start))
     if len(start) < FRAME_HEADER.size:
@@ -69,10 +79,15 @@ async def read_frame(stream: INetStream, start: bytes, max_bytes: int) -> tuple[
         raise FrameError("bad magic or frame version")
     if length > max_bytes:
         raise FrameError(f"a {length}-byte update is over max_message_bytes={max_bytes}")
-    head = memoryview(start)[FRAME_HEADER.size :]
+    return length, memoryview(start)[FRAME_HEADER.size :]
+
+
+async def read_frame_body(stream: INetStream, length: int, head: memoryview) -> tuple[bytes, bytes]:
+    """The `length`-byte body whose first bytes are `head`, and the bytes read past it. Raises FrameError."""
     if len(head) >= length:
         return bytes(head[:length]), bytes(head[length:])
-    chunks, got = [head], len(head)
+    chunks: list[bytes | memoryview] = [head]
+    got = len(head)
     while got < length:
         try:
             data = await stream.read(length - got)  # returns what is buffered
