@@ -131,9 +131,9 @@ def test_ten_megabytes_arrive_intact():
 # Refusals and malformed frames
 
 
-def test_a_non_neighbour_is_refused_and_its_payload_never_arrives(caplog):
+def test_a_non_neighbour_is_hung_up_on_after_noise_and_its_payload_never_arrives(caplog):
     kb, kc = identity_from_seed(2), identity_from_seed(3)
-    b_id, c_id = peer_id_of(kb), peer_id_of(kc)
+    b_id = peer_id_of(kb)
     caplog.set_level(logging.WARNING, logger=LOGGER)
 
     async def main():
@@ -142,7 +142,9 @@ def test_a_non_neighbour_is_refused_and_its_payload_never_arrives(caplog):
                 await c.send(b_id, b"let me in")  # logs and returns; never raises
                 assert c.failures[b_id] == 1
                 assert await nothing_arrives(b)
-        assert any("not a neighbour" in m for m in logged_about(caplog, c_id))
+                assert b.strangers_refused >= 1  # at the connection, before any stream
+                assert not b._host.get_network().get_connections()
+        assert any("send to" in m for m in logged_about(caplog, b_id))
 
     run(main)
 

@@ -13,7 +13,9 @@ keep the stock code.
   write's messages SEAL_BATCH at a time into one buffer per socket write. It takes the two keys and nonce
   counters over from noiseprotocol and leaves noiseprotocol's counters exhausted, so a stray use of the
   stock path fails instead of reusing a nonce. Offering Noise alone also keeps diallers from negotiating
-  libp2p's /plaintext/2.0.0, in which they could claim any peer ID.
+  libp2p's /plaintext/2.0.0, in which they could claim any peer ID. With `admit`, a dialler whose
+  authenticated ID it refuses is hung up on right after the handshake, before any session buffer exists;
+  with `on_wrong_peer`, a dialled address that answers as another peer is reported (and refused).
 - `use_fast_stream(stream)`, for the streams p2pfed opens and accepts, swaps two classes. The stream
   becomes a `FastYamuxStream`: writes go out in Yamux frames of up to LARGE_FRAME bytes instead of 64 KiB
   (never more than the peer's window, the one limit in the Yamux spec), header and payload reach the
@@ -33,18 +35,19 @@ from __future__ import annotations
 
 import contextlib
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import trio
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from libp2p.abc import INetStream, IRawConnection, ISecureConn
-from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.keys import KeyPair, PrivateKey
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.io.exceptions import IncompleteReadError
 from libp2p.network.connection.exceptions import RawConnError
 from libp2p.peer.id import ID
+from libp2p.security.exceptions import HandshakeFailure
 from libp2p.security.noise.io import MAX_PLAINTEXT_LENGTH, NoiseTransportReadWriter
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
@@ -260,14 +263,57 @@ async def _held(lock: trio.Lock) -> AsyncIterator[None]:
         lock.release()
 
 
+class NotAdmitted(HandshakeFailure):
+    """A dialler authenticated as a peer that `admit` refuses."""
+
+
+class WrongPeer(HandshakeFailure):
+    """A dialled address answered, Noise-authenticated, as another peer than the one dialled."""
+
+
+Admit = Callable[[ID], bool]
+WrongPeerReport = Callable[[ID, ID, str], None]  # expected, answered, the address dialled
+
+
 class NoiseOnlyTransport(NoiseTransport):
-    """The stock Noise transport whose sessions are `BatchedNoiseSession`s."""
+    """The stock Noise transport whose sessions are `BatchedNoiseSession`s, with an optional gate on diallers."""
+
+    def __init__(self, key_pair: KeyPair, noise_privkey: PrivateKey, admit: Admit | None = None,
+                 on_wrong_peer: WrongPeerReport | None = None) -> None:
+        super().__init__(key_pair, noise_privkey=noise_privkey)
+        self._admit = admit
+        self._on_wrong_peer = on_wrong_peer
 
     async def secure_inbound(self, conn: IRawConnection) -> ISecureConn:
-        return _batched(await super().secure_inbound(conn))
+        session = await super().secure_inbound(conn)
+        # Noise is the first moment the dialler's ID is known (authenticated); refusing here, before the
+        # batched session's two 1 MiB buffers exist, makes a stranger cost a socket and a handshake only.
+        # The raised HandshakeFailure ends libp2p's inbound handler, which frees its connection slot too.
+        if self._admit is not None and not self._admit(session.remote_peer):
+            await conn.close()
+            raise NotAdmitted(f"refused {session.remote_peer}: not admitted")
+        return _batched(session)
 
     async def secure_outbound(self, conn: IRawConnection, peer_id: ID) -> ISecureConn:
-        return _batched(await super().secure_outbound(conn, peer_id))
+        if self._on_wrong_peer is None:
+            return _batched(await super().secure_outbound(conn, peer_id))
+        # The stock check raises with the answering ID only inside its message; check it here instead,
+        # so the caller learns which peer answered. (Noise has then sent our own signed ID to that
+        # peer, which it would learn from any dial of ours anyway: peer IDs are public names.)
+        session = await self.get_pattern().handshake_outbound(conn, None)
+        if session.get_remote_peer() != peer_id:
+            self._on_wrong_peer(peer_id, session.get_remote_peer(), _address_of(conn))
+            await conn.close()
+            raise WrongPeer(f"dialled {peer_id}, {session.get_remote_peer()} answered")
+        return _batched(session)
+
+
+def _address_of(conn: IRawConnection) -> str:
+    address = conn.get_remote_address() if hasattr(conn, "get_remote_address") else None
+    if address is None:
+        return "an unknown address"
+    host, port = address[0], address[1]
+    return f"/{'ip6' if ':' in host else 'ip4'}/{host}/tcp/{port}"
 
 
 def _batched(session: ISecureConn) -> ISecureConn:
@@ -276,9 +322,13 @@ def _batched(session: ISecureConn) -> ISecureConn:
     return BatchedNoiseSession(session)
 
 
-def security_options(key_pair: KeyPair) -> dict[TProtocol, ISecureConn]:
-    """`new_host(sec_opt=...)`: Noise only, with batched sessions."""
-    return {NOISE_PROTOCOL_ID: NoiseOnlyTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)}
+def security_options(key_pair: KeyPair, admit: Admit | None = None,
+                     on_wrong_peer: WrongPeerReport | None = None) -> dict[TProtocol, ISecureConn]:
+    """`new_host(sec_opt=...)`: Noise only, with batched sessions; `admit` (a live check, asked at every
+    inbound handshake) decides which authenticated diallers may stay; `on_wrong_peer` hears of dialled
+    addresses that answer as another peer."""
+    return {NOISE_PROTOCOL_ID: NoiseOnlyTransport(key_pair, create_x25519_key_pair().private_key, admit,
+                                                  on_wrong_peer)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,11 +12,10 @@ unpickles or parses what arrives beyond the frame header.
 
 Updates to a neighbour go out one after another on one long-lived stream on PROTOCOL_ID (opening a
 stream costs 8-16 ms; a kept one also keeps the Yamux window it has grown), one frame each
-(`p2pfed.net.framing`), and the receiver answers each with a 1-byte ack. It checks the length against `max_message_bytes` before
-reading the rest of the body (it reads at most READ_AHEAD bytes at once, header included), reads the body
-whole (Yamux resets a sender whose receiver stops reading for 5 s), hands it to a bounded inbox and then
-acks. Any failure on a stream (a timeout, a reset, a bad frame) resets it, so a stream never carries on
-half-way through a frame; the next send opens a new one. A kept stream found dead before a frame went out
+(`p2pfed.net.framing`), and the receiver (`p2pfed.net.inbound`) answers each with a 1-byte ack once the body
+is in its inbox; what one neighbour may have buffered there is bounded in bytes. Any failure on a stream
+(a timeout, a reset, a bad frame) resets it, so a stream never carries on half-way through a frame; the
+next send opens a new one. A kept stream found dead before a frame went out
 whole (the neighbour restarted, or reset it) is replaced and the frame sent again: the receiver delivers
 whole frames only, so this cannot duplicate one. A send that fails (the neighbour is gone, refuses, or is
 too slow) is logged and counted, never raised into the peer's loop.
@@ -24,7 +23,10 @@ too slow) is logged and counted, never raised into the peer's loop.
 Hosts offer Noise only and Yamux only, through `p2pfed.net.fastpath`, which also moves bulk data
 several times faster than stock py-libp2p with the same protocols on the wire (see its docstring).
 py-libp2p's default hosts also accept /plaintext/2.0.0, in which a dialler can claim any peer ID whose
-public key it knows: offering Noise alone is what makes the peer ID an authenticated name.
+public key it knows: offering Noise alone is what makes the peer ID an authenticated name. A dialler that
+is not a neighbour is hung up on right after Noise, before any buffer of its own exists, and libp2p's
+inbound connection slots are given back when connections close (`p2pfed.net.inbound_slots`): strangers
+can neither lock neighbours out nor cost more than a handshake each.
 
 Facts about py-libp2p 0.8.1 that shape this module (docs/libp2p.md has the measurements):
 - A write cut off half-way (after Noise has sealed a message, before the socket took it) can wedge or
@@ -34,6 +36,8 @@ Facts about py-libp2p 0.8.1 that shape this module (docs/libp2p.md has the measu
 - `stream.read(n)` returns what is buffered and ends with StreamEOF; `read_exactly` fails from ~7 MB.
 - A refused dial makes libp2p refuse that peer for 60 s, and it dials one address per transport:
   before each dial the neighbour is unblocked and its peerstore addresses replaced by ours.
+- A listen address libp2p cannot bind is logged at debug level and skipped, and listeners use SO_REUSEPORT
+  (a second host binds a port in use without an error): `open_libp2p_endpoint` checks both (ListenError).
 """
 
 from __future__ import annotations
@@ -45,10 +49,9 @@ from dataclasses import dataclass, field
 
 import trio
 from libp2p import new_host
-from libp2p.abc import IHost, INetStream
+from libp2p.abc import INetStream
 from libp2p.crypto.keys import KeyPair
 from libp2p.network.config import ConnectionConfig
-from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
@@ -56,18 +59,13 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 from multiaddr import Multiaddr
 
 from p2pfed.net.fastpath import security_options, use_fast_stream
-from p2pfed.net.framing import (
-    ACK,
-    PROTOCOL_ID,
-    READ_AHEAD,
-    STREAM_ERRORS,
-    FrameError,
-    frame_pieces,
-    read_frame,
-    read_upto,
-    reset_stream,
-)
+from p2pfed.net.framing import ACK, PROTOCOL_ID, STREAM_ERRORS, frame_pieces, read_upto, reset_stream
 from p2pfed.net.identity import dial_addrs, parse_peer_id
+from p2pfed.net.inbound import InboundStreams
+from p2pfed.net.inbound_slots import InboundSlots
+from p2pfed.net.listening import ListenError, check_bindable, check_listening
+
+__all__ = ["Libp2pEndpoint", "ListenError", "NeighbourState", "TransportLimits", "open_libp2p_endpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +82,14 @@ class TransportLimits:
     max_concurrent_sends: int = 2  # more streams at once only adds latency and memory
     max_inbound_per_neighbour: int = 2  # streams a neighbour may have open to us at once (it keeps one)
     inbox_size: int = 32  # received updates waiting for receive(); a full inbox holds back the acks
+    # Bytes of one neighbour's updates being read or waiting for receive(); past it, its next update waits
+    # unacknowledged (p2pfed.net.inbound). A peer sets about two expected updates; one update bigger than
+    # this still gets through once nothing else of that neighbour's is buffered.
+    max_buffered_bytes_per_neighbour: int = 32 * 1024 * 1024
 
     def __post_init__(self) -> None:
-        for name in ("max_message_bytes", "max_concurrent_sends", "max_inbound_per_neighbour", "inbox_size"):
+        for name in ("max_message_bytes", "max_concurrent_sends", "max_inbound_per_neighbour", "inbox_size",
+                     "max_buffered_bytes_per_neighbour"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("send_timeout_s", "receive_timeout_s", "write_stall_s"):
@@ -104,6 +107,8 @@ class NeighbourState:
     # kept stream keeps the Yamux window it has grown); None before the first send and after a failure.
     stream: INetStream | None = field(default=None, repr=False)
     stream_lock: trio.Lock = field(default_factory=trio.Lock, repr=False)  # one frame at a time on it
+    # (peer that answered, address) pairs already reported for answering this neighbour's dials: once each.
+    wrong_peers: set[tuple[str, str]] = field(default_factory=set, repr=False)
 
 
 class _SendFailed(Exception):
@@ -117,17 +122,21 @@ class _SendFailed(Exception):
 class Libp2pEndpoint:
     """A peer's view of a libp2p network (the `Endpoint` protocol). Open it with `open_libp2p_endpoint`."""
 
-    def __init__(self, host: IHost, limits: TransportLimits,
-                 inbox_send: trio.MemorySendChannel, inbox_receive: trio.MemoryReceiveChannel):
-        self.name = host.get_id().to_base58()
+    def __init__(self, key_pair: KeyPair, limits: TransportLimits):
         self.bytes_sent = 0  # body bytes written to streams (headers excluded, unacknowledged ones included)
+        self.strangers_refused = 0  # diallers hung up on after Noise: not neighbours
         self.limits = limits
-        self._host = host
-        self._inbox_send = inbox_send
-        self._inbox_receive = inbox_receive
-        self._send_slots = trio.Semaphore(limits.max_concurrent_sends)
         self._neighbours: dict[str, NeighbourState] = {}
-        self._inbound: dict[str, int] = {}
+        # One connection per peer: with more allowed, every connect() waits for happy eyeballs (250 ms).
+        # Noise alone (no plaintext, which proves no identity) and Yamux alone (Mplex manages 7-11 MB/s).
+        self._host = new_host(key_pair=key_pair, connection_config=ConnectionConfig(max_connections_per_peer=1),
+                              sec_opt=security_options(key_pair, self.admits, self.wrong_peer),
+                              muxer_opt={YAMUX_PROTOCOL_ID: Yamux})
+        InboundSlots.install(self._host.get_network())
+        self.name = self._host.get_id().to_base58()
+        self._send_slots = trio.Semaphore(limits.max_concurrent_sends)
+        self._inbound = InboundStreams(self.name, limits, self._neighbours.__contains__, self._drop_connection)
+        self._host.set_stream_handler(PROTOCOL_ID, self._inbound.handle_stream)
 
     # -- the Endpoint protocol --------------------------------------------------------------
 
@@ -157,7 +166,7 @@ class Libp2pEndpoint:
             state.consecutive_failures = 0
 
     async def receive(self) -> tuple[str, bytes]:
-        return await self._inbox_receive.receive()
+        return await self._inbound.receive()
 
     def online(self, round_index: int) -> bool:
         return True
@@ -177,6 +186,31 @@ class Libp2pEndpoint:
     def failures(self) -> dict[str, int]:
         """Failed sends per neighbour, in total."""
         return {peer_id: state.failures for peer_id, state in self._neighbours.items()}
+
+    @property
+    def buffered(self) -> dict[str, int]:
+        """Bytes of each neighbour's updates being read or waiting for receive() (none: left out)."""
+        return self._inbound.buffered
+
+    def admits(self, peer: ID) -> bool:
+        """Whether a dialler that Noise authenticated as `peer` may keep its connection: neighbours only,
+        as they are now (the security transport asks at every inbound handshake)."""
+        if peer.to_base58() in self._neighbours:
+            return True
+        self.strangers_refused += 1
+        log.debug("%s: hung up on %s after Noise: not a neighbour", self.name, peer)
+        return False
+
+    def wrong_peer(self, expected: ID, answered: ID, address: str) -> None:
+        """A dial to `expected` at `address` was answered, Noise-authenticated, by `answered`: one warning
+        per neighbour, answering peer and address, however often the dial is retried."""
+        state = self._neighbours.get(expected.to_base58())
+        key = (answered.to_base58(), address)
+        if state is None or key in state.wrong_peers:
+            return
+        state.wrong_peers.add(key)
+        log.warning("%s: neighbour %s was dialled at %s but %s answered there; check its address and peer ID "
+                    "(reported once)", self.name, expected, address, answered)
 
     def add_neighbour(self, peer_id: str, addrs: Iterable[str | Multiaddr] = ()) -> None:
         """Accept streams from `peer_id` and send to it at `addrs` (empty: it only dials us)."""
@@ -350,91 +384,6 @@ class Libp2pEndpoint:
         state.last_error = reason
         log.warning("%s: send to %s failed (%d in a row): %s", self.name, to, state.consecutive_failures, reason)
 
-    # -- receiving --------------------------------------------------------------------------
-
-    async def _handle_stream(self, stream: INetStream) -> None:
-        """libp2p runs this in a task of its own for each inbound stream on PROTOCOL_ID."""
-        sender = stream.muxed_conn.peer_id.to_base58()  # authenticated by Noise
-        if sender not in self._neighbours:
-            log.warning("%s: refused a stream from %s, which is not a neighbour", self.name, sender)
-            await reset_stream(stream)
-            return
-        if self._inbound.get(sender, 0) >= self.limits.max_inbound_per_neighbour:
-            log.warning("%s: refused a stream from %s, which already has %d streams open to us", self.name,
-                        sender, self._inbound[sender])
-            await reset_stream(stream)
-            return
-        self._inbound[sender] = self._inbound.get(sender, 0) + 1
-        use_fast_stream(stream)
-        try:
-            await self._serve_stream(sender, stream)
-        except STREAM_ERRORS as error:
-            log.warning("%s: stream from %s failed: %s %s", self.name, sender, type(error).__name__, error)
-            await reset_stream(stream)
-        except Exception:
-            log.exception("%s: unexpected error on a stream from %s", self.name, sender)
-            await reset_stream(stream)
-        finally:
-            self._inbound[sender] -= 1
-            if not self._inbound[sender]:
-                del self._inbound[sender]
-
-    async def _serve_stream(self, sender: str, stream: INetStream) -> None:
-        """Frames one after another, each acknowledged, until the sender closes the stream or sends a bad one."""
-        start = b""  # bytes of the next frame already read
-        while True:
-            if not start:
-                try:
-                    start = await stream.read(READ_AHEAD)  # idle between updates: no deadline here
-                except StreamEOF:
-                    pass
-                if not start:
-                    log.debug("%s: %s closed its stream", self.name, sender)
-                    await stream.close()
-                    return
-            if sender not in self._neighbours:
-                log.warning("%s: dropped an update from %s, which is no longer a neighbour", self.name, sender)
-                await reset_stream(stream)
-                return
-            start = await self._take_update(sender, stream, start)
-            if start is None:
-                await reset_stream(stream)
-                return
-            await stream.write(ACK)
-
-    async def _take_update(self, sender: str, stream: INetStream, start: bytes) -> bytes | None:
-        """Read the rest of one frame and put its body in the inbox; what came after it, or None (logged)
-        when the frame was dropped."""
-        frame = None
-        with trio.move_on_after(self.limits.receive_timeout_s):
-            frame = await self._read_frame(sender, stream, start)
-            if frame is None:
-                return None
-            body, after = frame
-            try:
-                self._inbox_send.send_nowait((sender, body))
-            except trio.WouldBlock:
-                await self._inbox_send.send((sender, body))  # a full inbox holds back the ack
-            return after
-        if frame is not None:
-            log.warning("%s: dropped an update from %s: the inbox stayed full for %g s", self.name, sender,
-                        self.limits.receive_timeout_s)
-            return None
-        log.warning("%s: dropped an update from %s: not read whole within %g s", self.name, sender,
-                    self.limits.receive_timeout_s)
-        # The cancelled read may have been sending a window update: start afresh.
-        await reset_stream(stream)
-        await self._drop_connection(sender)
-        return None
-
-    async def _read_frame(self, sender: str, stream: INetStream, start: bytes) -> tuple[bytes, bytes] | None:
-        """The frame's body and the bytes read past it, or None when it is malformed (logged here)."""
-        try:
-            return await read_frame(stream, start, self.limits.max_message_bytes)
-        except FrameError as error:
-            log.warning("%s: dropped a frame from %s: %s", self.name, sender, error)
-            return None
-
 
 async def _acquire_by(resource: trio.Lock | trio.Semaphore, deadline: float) -> bool:
     """Acquire `resource` by `deadline` (False if not); without a trio checkpoint when it is free."""
@@ -459,21 +408,20 @@ async def open_libp2p_endpoint(
     """Run a libp2p host (Noise only, Yamux only, with p2pfed's fast paths) on `listen` for as long as the block lasts.
 
     `neighbours` maps each neighbour's peer ID to the addresses to dial it at (may be empty for one
-    that dials us). The host is closed on the way out, whatever happens.
+    that dials us). Raises ListenError if an address cannot be listened on. The host is closed on the
+    way out, whatever happens.
     """
     listen_addrs = [Multiaddr(listen)] if isinstance(listen, str) else [Multiaddr(a) for a in listen]
-    # One connection per peer: with more allowed, every connect() waits for happy eyeballs (250 ms).
-    # Noise alone (no plaintext, which proves no identity) and Yamux alone (Mplex manages 7-11 MB/s).
-    host = new_host(key_pair=key_pair, connection_config=ConnectionConfig(max_connections_per_peer=1),
-                    sec_opt=security_options(key_pair), muxer_opt={YAMUX_PROTOCOL_ID: Yamux})
-    inbox_send, inbox_receive = trio.open_memory_channel(limits.inbox_size)
-    endpoint = Libp2pEndpoint(host, limits, inbox_send, inbox_receive)
-    for peer_id, addrs in (neighbours or {}).items():
-        endpoint.add_neighbour(peer_id, addrs)
-    host.set_stream_handler(PROTOCOL_ID, endpoint._handle_stream)
+    for addr in listen_addrs:
+        check_bindable(addr)
+    endpoint = Libp2pEndpoint(key_pair, limits)
+    host = endpoint._host
     try:
+        for peer_id, addrs in (neighbours or {}).items():
+            endpoint.add_neighbour(peer_id, addrs)
         async with host.run(listen_addrs):
             try:
+                check_listening(host.get_network(), listen_addrs)
                 yield endpoint
             finally:
                 with trio.CancelScope(shield=True), trio.move_on_after(5.0):
@@ -481,5 +429,4 @@ async def open_libp2p_endpoint(
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(5.0):
             await host.close()  # idempotent; covers a failure inside host.run() itself
-        inbox_send.close()
-        inbox_receive.close()
+        endpoint._inbound.close()
