@@ -53,13 +53,16 @@ def first_entry(obj: dict) -> dict:
     return next(iter(obj["tensors"].values()))
 
 
-def assert_valid(message: UpdateMessage) -> None:
-    assert isinstance(message.sender, str) and message.sender
+def assert_valid(message: UpdateMessage, limits: WireLimits = WireLimits()) -> None:
+    assert isinstance(message.sender, str) and 0 < len(message.sender) <= limits.max_name_length
     for value in (message.round, message.degree, message.num_samples):
         assert type(value) is int and value >= 0
-    for tensor in message.tensors.values():
-        assert tensor.dtype == torch.float32
+    assert message.degree <= limits.max_degree and message.num_samples <= limits.max_num_samples
+    for name, tensor in message.tensors.items():
+        assert isinstance(name, str) and 0 < len(name) <= limits.max_name_length
+        assert tensor.dtype == torch.float32 and tensor.dim() <= limits.max_dims
         assert torch.isfinite(tensor).all()
+        assert tensor.numel() == 0 or tensor.abs().max().item() <= limits.max_abs_value
 
 
 # ---------------------------------------------------------------------------
@@ -529,6 +532,14 @@ def test_max_abs_value_applies_to_every_dtype(dtype):
         decode_update(pack(obj), limits=WireLimits(max_abs_value=4095.0))
 
 
+def test_non_finite_refused_even_with_an_infinite_bound():
+    # Found by the property test below: with max_abs_value=inf, |inf| <= bound held.
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        obj = raw_message(tensors={"t": entry_of(torch.tensor([0.0, bad]))})
+        with pytest.raises(WireError, match="non-finite"):
+            decode_update(pack(obj), limits=WireLimits(max_abs_value=float("inf")))
+
+
 @pytest.mark.parametrize("size", [1, 7, 8, 9, 33, 4096, 100_003])
 def test_non_finite_anywhere_in_a_large_tensor_refused(size):
     # aminmax runs vectorised: a NaN in the tail or the head must still show.
@@ -579,20 +590,46 @@ def test_max_bytes_default_is_the_network_config_default():
 
 
 # ---------------------------------------------------------------------------
-# Properties: no input makes decode_update raise anything but WireError.
+# Properties: decode_update returns a valid message that matches the expected shapes, or raises
+# WireError; never anything else. Deterministic (derandomize) and a few seconds in all.
 
-_FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-_SMALL_VALID = encode_update(make_message(tensors={"a": torch.randn(2, 3), "b": torch.randn(4)}, round=3))
+_FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,
+                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+_SMALL = make_message(tensors={"a": torch.randn(2, 3), "b": torch.randn(4)}, round=3)
+_SMALL_VALID = encode_update(_SMALL)
+_SMALL_EXPECTED = {name: tuple(t.shape) for name, t in _SMALL.tensors.items()}
+
+
+def decoded_or_refused(data: bytes, expected=_SMALL_EXPECTED, limits: WireLimits = WireLimits()):
+    """The property itself: the message, checked against `expected` and `limits`, or None on WireError."""
+    try:
+        message = decode_update(data, expected, limits)
+    except WireError as error:
+        text = str(error)
+        assert len(text) < 1000 and "\n" not in text
+        return None
+    assert_valid(message, limits)
+    if expected is not None:
+        assert set(message.tensors) == set(expected)
+        for name, tensor in message.tensors.items():
+            assert len(tensor.shape) == len(expected[name])
+            assert all(e is None or e == d for e, d in zip(expected[name], tensor.shape))
+    return message
+
+
+# Every msgpack type the packer makes (no ext), nested a few levels: the type-confusion values.
+_scalars = (st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats()
+            | st.text(max_size=20) | st.text(min_size=250, max_size=300) | st.binary(max_size=64))
+_keys = st.integers(-5, 5) | st.text(max_size=8) | st.binary(max_size=4)
+_msgpack_values = st.recursive(
+    _scalars, lambda inner: st.lists(inner, max_size=5) | st.dictionaries(_keys, inner, max_size=5), max_leaves=12)
 
 
 @_FUZZ
 @given(st.binary(max_size=512))
 def test_arbitrary_bytes_only_raise_wire_error(data):
-    try:
-        message = decode_update(data)
-    except WireError:
-        return
-    assert_valid(message)
+    decoded_or_refused(data)
+    decoded_or_refused(data, expected=None)
 
 
 @_FUZZ
@@ -604,8 +641,72 @@ def test_mutated_valid_message_only_raises_wire_error(edits, cut):
     data = bytearray(_SMALL_VALID)
     for position, value in edits:
         data[position] = value
-    try:
-        message = decode_update(bytes(data[:cut]) if cut < len(data) else bytes(data))
-    except WireError:
-        return
-    assert_valid(message)
+    decoded_or_refused(bytes(data[:cut]))
+
+
+@_FUZZ
+@given(st.sampled_from(_FIELDS), st.data())
+def test_any_field_of_any_msgpack_type_only_raises_wire_error(field, data):
+    value = data.draw(_scalars if field == "name" else _msgpack_values)  # a name must be hashable
+    decoded_or_refused(pack(message_with(field, value, _SMALL)))
+
+
+@_FUZZ
+# Depths around the limits that matter: the schema's 4, Python's recursion limit (about 1000, where
+# repr() of a shape broke), msgpack's C stack (1024), and far beyond.
+@given(st.sampled_from(_FIELDS), st.integers(0, 2000) | st.integers(990, 1030) | st.just(100_000),
+       st.sampled_from(["array", "map"]))
+def test_nesting_at_any_depth_only_raises_wire_error(field, depth, kind):
+    message = decoded_or_refused(splice(field, nesting_bomb(depth, kind), _SMALL))
+    assert depth == 0 or message is None  # a container where the schema has none is never valid
+
+
+@_FUZZ
+@given(st.sampled_from(_FIELDS), st.sampled_from(_FORGED), st.integers(0, 40))
+def test_forged_lengths_anywhere_only_raise_wire_error(field, forged, tail):
+    header, _ = forged
+    assert decoded_or_refused(splice(field, header + b"\x00" * tail, _SMALL)) is None
+
+
+@_FUZZ
+@given(
+    st.lists(st.floats(width=32), min_size=1, max_size=16),
+    st.sampled_from(["float32", "float16", "bfloat16"]),
+    st.sampled_from([1e4, 1.0, 3e38, float("inf")]),
+)
+def test_element_values_accepted_only_when_finite_and_in_bound(values, dtype, bound):
+    exact = torch.tensor(values).to(getattr(torch, dtype)).float()  # what the receiver sees
+    obj = raw_message(tensors={"x": entry_of(torch.tensor(values), dtype)})
+    message = decoded_or_refused(pack(obj), {"x": (len(values),)}, WireLimits(max_abs_value=bound))
+    in_bound = bool(torch.isfinite(exact).all()) and exact.abs().max().item() <= bound
+    assert (message is not None) == in_bound
+    if message is not None:
+        assert torch.equal(message.tensors["x"], exact)
+
+
+@_FUZZ
+@given(st.sampled_from(["round", "degree", "num_samples"]), st.integers(-(2**63), 2**64 - 1))
+def test_counts_accepted_only_within_bounds(field, value):
+    limits = WireLimits()
+    bound = {"round": 2**64, "degree": limits.max_degree, "num_samples": limits.max_num_samples}[field]
+    message = decoded_or_refused(pack(raw_message(**{field: value})), None)
+    assert (message is not None) == (0 <= value <= bound)
+
+
+_names = st.text(st.characters(codec="utf-8"), min_size=1, max_size=20)
+_shapes = st.lists(st.integers(0, 5), max_size=4)
+
+
+@_FUZZ
+@given(st.dictionaries(_names, _shapes, min_size=1, max_size=6), st.sampled_from(ENCODINGS), st.data())
+def test_valid_messages_round_trip_and_every_truncation_is_refused(shapes, encoding, data):
+    generator = torch.Generator().manual_seed(0)
+    tensors = {name: torch.randn(shape, generator=generator) for name, shape in shapes.items()}
+    payload = encode_update(make_message(tensors=tensors), encoding)
+    # Ranks left free where FlexLoRA would leave them: an expected dimension may be None.
+    expected = {name: tuple(None if data.draw(st.booleans()) else d for d in shape) for name, shape in shapes.items()}
+    message = decoded_or_refused(payload, expected)
+    assert message is not None and {n: list(t.shape) for n, t in message.tensors.items()} == shapes
+    # One msgpack object is prefix-free: no proper prefix of a message is a message.
+    cut = data.draw(st.integers(0, len(payload) - 1))
+    assert decoded_or_refused(payload[:cut], expected) is None

@@ -425,9 +425,10 @@ def _check_values(name: str, tensor: torch.Tensor, limits: WireLimits) -> None:
         return
     # One pass, no temporary: aminmax propagates NaN and shows +-inf, and on a 10 MB tensor it
     # takes about 0.3 ms against 7 ms for isfinite().all().
-    low, high = torch.aminmax(tensor)
+    low, high = (value.item() for value in torch.aminmax(tensor))
     bound = limits.max_abs_value
-    if bool(low >= -bound) and bool(high <= bound):  # False for NaN
+    # Comparisons with NaN are False; the isfinite calls keep inf out even with an infinite bound.
+    if -bound <= low and high <= bound and math.isfinite(low) and math.isfinite(high):
         return
     if not bool(torch.isfinite(tensor).all()):  # only on the way out, for a clearer message
         raise WireError(f"tensor {_quote(name)} has non-finite values (NaN or inf)")
