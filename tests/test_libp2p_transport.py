@@ -1,4 +1,5 @@
-"""The libp2p endpoint on loopback: delivery, identities, refusals, malformed frames, dead and restarted neighbours.
+"""The libp2p endpoint on loopback: delivery, identities, refusals, malformed frames, dead and restarted neighbours,
+buffering bounds, listen addresses. (Strangers: tests/test_strangers.py.)
 
 Every test runs its own trio loop under a time limit and binds 127.0.0.1 only.
 """
@@ -10,8 +11,10 @@ import functools
 import itertools
 import logging
 import os
+import socket
 import stat
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 
 import pytest
 import trio
@@ -35,7 +38,8 @@ from noise.exceptions import NoiseMaxNonceError
 from p2pfed.net.fastpath import BatchedNoiseSession
 from p2pfed.net.framing import ACK, FRAME_HEADER, FRAME_VERSION, MAGIC, PROTOCOL_ID
 from p2pfed.net.identity import identity_from_file, identity_from_seed, peer_id_of
-from p2pfed.net.libp2p_endpoint import TransportLimits, open_libp2p_endpoint
+from p2pfed.net.libp2p_endpoint import ListenError, TransportLimits, open_libp2p_endpoint
+from p2pfed.net.listening import check_listening
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 LOGGER = "p2pfed.net.libp2p_endpoint"
@@ -647,5 +651,141 @@ def test_a_neighbour_restarted_on_a_new_port_that_dials_first_is_reached_on_its_
                 assert await a.receive() == (b_id, b"back, elsewhere")
                 await a.send(b_id, b"welcome back")  # a's configured address is stale; the connection is not
                 assert await b.receive() == (a_id, b"welcome back")
+
+    run(main)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bytes buffered per neighbour
+
+
+def frame(body: bytes) -> bytes:
+    return FRAME_HEADER.pack(MAGIC, FRAME_VERSION, len(body)) + body
+
+
+def test_a_neighbour_flooding_frames_never_has_more_than_its_budget_buffered():
+    kb = identity_from_seed(2)
+    b_id, raw_id = peer_id_of(kb), peer_id_of(identity_from_seed(9))
+    limits = TransportLimits(max_buffered_bytes_per_neighbour=3_000_000)
+    bodies = [bytes([i]) * 1_000_000 for i in range(10)]  # 10 MB: within the 16 MiB Yamux window
+
+    async def main():
+        async with open_libp2p_endpoint(kb, LOOPBACK, {raw_id: []}, limits) as b, \
+                raw_client(9, b_id, b.listen_addrs) as raw:
+            stream = await raw.new_stream(ID.from_base58(b_id), [PROTOCOL_ID])
+            acks = []
+
+            async def flood_and_count_acks():
+                await stream.write(b"".join(frame(body) for body in bodies))  # without waiting for acks
+                while len(acks) < len(bodies):
+                    acks.append(await stream.read(1))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(flood_and_count_acks)
+                most = 0
+                with trio.move_on_after(1.5):  # b does not call receive() meanwhile
+                    while True:
+                        most = max(most, b.buffered.get(raw_id, 0))
+                        await trio.sleep(0.005)
+                assert most == b.buffered[raw_id] == 3_000_000  # three frames, the fourth waits unread
+                assert len(acks) == 3  # ... and unacknowledged
+                for body in bodies:  # receive() makes room: the rest follow, in order
+                    assert await b.receive() == (raw_id, body)
+                    assert b.buffered.get(raw_id, 0) <= 3_000_000
+            assert acks == [ACK] * len(bodies) and b.buffered == {}
+
+    run(main)
+
+
+def test_an_update_bigger_than_the_budget_waits_for_an_empty_buffer_and_one_held_too_long_is_dropped(caplog):
+    ka, kb = identity_from_seed(1), identity_from_seed(2)
+    a_id, b_id = peer_id_of(ka), peer_id_of(kb)
+    limits = TransportLimits(max_buffered_bytes_per_neighbour=1_000_000, receive_timeout_s=1.0)
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+
+    async def main():
+        async with open_libp2p_endpoint(kb, LOOPBACK, {a_id: []}, limits) as b, \
+                open_libp2p_endpoint(ka, LOOPBACK, {b_id: b.listen_addrs}, TransportLimits(send_timeout_s=3.0)) as a:
+            await a.send(b_id, b"small")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(a.send, b_id, bytes(2_000_000))  # over the budget: waits for "small" to go
+                await trio.sleep(0.5)
+                assert b.buffered == {a_id: 5}
+                assert await b.receive() == (a_id, b"small")
+                assert await b.receive() == (a_id, bytes(2_000_000))
+            assert a.failures[b_id] == 0
+            # Held back past receive_timeout_s (b never calls receive): dropped with one warning, not acked.
+            await a.send(b_id, b"kept")
+            await a.send(b_id, bytes(1_000_000))
+            assert a.failures[b_id] == 1
+            assert b.buffered == {a_id: 4}
+            assert await b.receive() == (a_id, b"kept")
+            assert await nothing_arrives(b, 0.1)
+        dropped = [m for m in logged_about(caplog, a_id) if "over its buffer budget" in m]
+        assert len(dropped) == 1
+
+    run(main)
+
+
+def test_limits_refuse_a_budget_below_one_byte():
+    with pytest.raises(ValueError, match="max_buffered_bytes_per_neighbour"):
+        TransportLimits(max_buffered_bytes_per_neighbour=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Listen addresses and neighbours' identities
+
+
+def test_a_listen_address_that_cannot_be_bound_is_a_clear_error():
+    key = identity_from_seed(1)
+
+    async def cannot_listen_on(addr: str, also: tuple[str, ...] = ()) -> ListenError:
+        with pytest.raises(ListenError) as caught:
+            async with open_libp2p_endpoint(key, [*also, addr]):
+                pytest.fail(f"listening on {addr}")
+        assert addr in str(caught.value) and caught.value.address == addr
+        return caught.value
+
+    async def main():
+        with socket.socket() as plain:  # no SO_REUSEPORT: libp2p's own bind would fail (and be skipped)
+            plain.bind(("127.0.0.1", 0))
+            plain.listen()
+            in_use = f"/ip4/127.0.0.1/tcp/{plain.getsockname()[1]}"
+            assert "in use" in str(await cannot_listen_on(in_use))
+            assert "in use" in str(await cannot_listen_on(in_use, also=(LOOPBACK,)))  # one bad address of two
+        # TEST-NET-3: never on this machine. Only bound (and refused), never sent to.
+        assert "not an address of this machine" in str(await cannot_listen_on("/ip4/203.0.113.7/tcp/4001"))
+        async with open_libp2p_endpoint(identity_from_seed(2), LOOPBACK) as first:
+            # libp2p would bind it too (SO_REUSEPORT) and the kernel would split connections between the two
+            assert "in use" in str(await cannot_listen_on(first.listen_addrs[0]))
+
+    run(main)
+
+
+def test_an_address_libp2p_did_not_start_listening_on_is_an_error():
+    """What the bind probe cannot see (a listener taken between the probe and libp2p's bind, another
+    transport): libp2p logs the failure at debug level and drops the listener; the endpoint checks."""
+    addr = Multiaddr("/ip4/127.0.0.1/tcp/4001")
+    with pytest.raises(ListenError, match="/ip4/127.0.0.1/tcp/4001"):
+        check_listening(SimpleNamespace(listeners={}), [addr])
+    check_listening(SimpleNamespace(listeners={str(addr): SimpleNamespace(get_addrs=lambda: (addr,))}), [addr])
+
+
+def test_a_neighbour_address_answering_as_another_peer_is_reported_once(caplog):
+    ka, kb = identity_from_seed(1), identity_from_seed(2)
+    b_id, expected = peer_id_of(kb), peer_id_of(identity_from_seed(3))
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+
+    async def main():
+        async with open_libp2p_endpoint(kb, LOOPBACK, {}) as b, \
+                open_libp2p_endpoint(ka, LOOPBACK, {expected: b.listen_addrs}, TransportLimits(send_timeout_s=2.0)) as a:
+            for _ in range(3):
+                await a.send(expected, b"for the expected peer")
+            assert await a.wait_for_neighbours(1.0) == [expected]  # retried every 0.25 s
+            assert a.failures[expected] == 3
+            assert await nothing_arrives(b, 0.1)
+            reports = [m for m in logged_about(caplog, expected) if b_id in m]
+            assert len(reports) == 1
+            assert b.listen_addrs[0] in reports[0]
 
     run(main)
