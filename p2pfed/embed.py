@@ -62,10 +62,10 @@ class _Running:
     stop: trio.Event  # set (on the trio thread) to leave the Peer's block
 
 
-def start_peer(config: PeerConfig | str | os.PathLike, overrides: Sequence[str] = ()) -> BackgroundPeer:
+def start_peer(config: PeerConfig | str | os.PathLike | None, overrides: Sequence[str] = ()) -> BackgroundPeer:
     """Start a peer in a background thread; a bad config raises here, a failed start from `with` or the first call.
 
-    `config` is a PeerConfig or a peer TOML file (`overrides`: `KEY=VALUE` strings, as `p2pfed peer --set`).
+    `config`: a PeerConfig, or a peer TOML file (None: defaults) with `overrides` (`KEY=VALUE`, as `--set`).
     """
     if not isinstance(config, p2pfed.PeerConfig):
         config = p2pfed.load_peer(config, list(overrides))
