@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from p2pfed.config import ExperimentConfig, load_experiment
+from p2pfed.config import ExperimentConfig
+from p2pfed.load import load_experiment
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_EXPERIMENT = ROOT / "examples" / "default.toml"

@@ -31,7 +31,7 @@ from torch.nn import functional as F
 from transformers.pytorch_utils import Conv1D
 
 from common import interleaved, median, setup
-from p2pfed.aggregate import lora_scale
+from p2pfed.config import lora_scale
 from p2pfed.experts import ExpertLayerConfig, attach_experts, initial_expert_state, is_router, using_state
 
 SIZES = (64, 256)

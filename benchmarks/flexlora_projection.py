@@ -20,7 +20,8 @@ from collections.abc import Callable
 
 import torch
 
-from p2pfed.aggregate import LoraFactors, dense_project, flexlora_project, lora_scale
+from p2pfed.aggregate import LoraFactors, dense_project, flexlora_project
+from p2pfed.config import lora_scale
 
 OUT_DIM, IN_DIM = 3072, 768
 NEIGHBOURS = 8

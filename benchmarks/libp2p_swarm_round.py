@@ -16,7 +16,8 @@ from pathlib import Path
 from common import default_config, quiet, setup
 
 from p2pfed.launch import run_job_libp2p
-from p2pfed.swarm import open_workspace, run_job
+from p2pfed.job import open_workspace
+from p2pfed.swarm import run_job
 
 SCHEME = "validation"
 ROUNDS = (2, 6)

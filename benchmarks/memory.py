@@ -35,7 +35,7 @@ from common import default_config, quiet, setup
 from p2pfed.data import batches
 from p2pfed.model import AdapterHost, trainable_copy, train_steps
 from p2pfed.seeding import generator
-from p2pfed.swarm import job_setup, open_workspace
+from p2pfed.job import job_setup, open_workspace
 
 PEER_COUNTS = (8, 32, 64)
 STEPS_PER_PEER = 2

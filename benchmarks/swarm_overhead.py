@@ -32,7 +32,8 @@ from p2pfed.config import ExperimentConfig
 from p2pfed.data import PeerData, batches
 from p2pfed.model import KNOWN_TARGETS, load_base_model, lm_loss
 from p2pfed.seeding import generator
-from p2pfed.swarm import Workspace, job_setup, open_workspace, run_job
+from p2pfed.job import Workspace, job_setup, open_workspace
+from p2pfed.swarm import run_job
 
 PEERS = 8
 ROUNDS = 3

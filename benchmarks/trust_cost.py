@@ -32,7 +32,7 @@ from p2pfed import evaluate
 from p2pfed.data import batches
 from p2pfed.model import Adapter, AdapterHost, train_steps, trainable_copy
 from p2pfed.seeding import derive_seed, generator
-from p2pfed.swarm import job_setup, open_workspace, peer_specs
+from p2pfed.job import job_setup, open_workspace, peer_specs
 
 SEED = 0
 NEIGHBOUR_STEPS = 3  # enough to move the neighbours' adapters away from the shared init

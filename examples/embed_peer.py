@@ -20,7 +20,7 @@ import trio
 from p2pfed import Peer, load_peer
 from p2pfed.launch import free_ports, loopback_addr, write_peer_toml
 from p2pfed.net.identity import identity_from_seed, peer_id_of
-from p2pfed.node import RoundFinished, TrustChanged, UpdateReceived
+from p2pfed import RoundFinished, TrustChanged, UpdateReceived
 
 PROMPT = "Hello, how are"
 # A small swarm of two: the app's English peer and an English neighbour (data.groups has one group).

@@ -15,7 +15,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from p2pfed.config import load_experiment
+from p2pfed.load import load_experiment
 from p2pfed.experiment import quiet_transformers, run_experiment
 
 HERE = Path(__file__).resolve().parent

@@ -10,15 +10,19 @@ import importlib
 
 # Public name -> the module that defines it.
 _EXPORTS = {
-    "Peer": "p2pfed.node",
-    "UpdateReceived": "p2pfed.node",
-    "TrustChanged": "p2pfed.node",
-    "RoundFinished": "p2pfed.node",
-    "PeerEvent": "p2pfed.node",
+    "Peer": "p2pfed.peer",
+    "UpdateReceived": "p2pfed.peer",
+    "TrustChanged": "p2pfed.peer",
+    "RoundFinished": "p2pfed.peer",
+    "PeerEvent": "p2pfed.peer",
     "PeerConfig": "p2pfed.config",
     "ExperimentConfig": "p2pfed.config",
-    "load_peer": "p2pfed.config",
-    "load_experiment": "p2pfed.config",
+    "load_peer": "p2pfed.load",
+    "load_experiment": "p2pfed.load",
+    "start_peer": "p2pfed.embed",
+    "BackgroundPeer": "p2pfed.embed",
+    "EventStream": "p2pfed.embed",
+    "PeerStopped": "p2pfed.embed",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,7 +1,6 @@
 """Aggregation of shared adapter tensors: weighted averages and FlexLoRA rank projection.
 
-Pure tensor math; the weights come from `p2pfed.trust`. Formulas follow
-shared/docs/algorithms.md, sections 1 and 3.
+Pure tensor math; the weights come from `p2pfed.trust`. Formulas: docs/algorithms.md.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from torch import Tensor
 __all__ = [
     "weighted_average",
     "LoraFactors",
-    "lora_scale",
+    "product_sq_norm",
     "flexlora_project",
     "dense_project",
     "zero_padded_average",
@@ -84,13 +83,6 @@ class LoraFactors:
         return self.scale * (self.B @ self.A)
 
 
-def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
-    """s = alpha / r, or alpha / sqrt(r) for rank-stabilised LoRA."""
-    if rank < 1:
-        raise ValueError(f"rank must be at least 1, got {rank}")
-    return alpha / math.sqrt(rank) if rslora else alpha / rank
-
-
 def flexlora_project(
     factors: Sequence[LoraFactors], weights: Sequence[float], rank: int, scale: float
 ) -> LoraFactors:
@@ -156,6 +148,12 @@ def zero_padded_average(
     return LoraFactors(
         A=a_sum[:rank].to(torch.float32), B=b_sum[:, :rank].to(torch.float32), scale=scale
     )
+
+
+def product_sq_norm(factors: LoraFactors) -> float:
+    """||s B A||_F^2 without forming B A: s^2 sum((B^T B) * (A A^T))."""
+    b, a = factors.B.double(), factors.A.double()
+    return factors.scale ** 2 * float(((b.T @ b) * (a @ a.T)).sum())
 
 
 def lora_pairs(tensors: Mapping[str, Tensor], scale_of: Callable[[int], float]) -> dict[str, LoraFactors]:

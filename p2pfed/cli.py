@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from p2pfed.checkpoint import CheckpointError
-from p2pfed.config import ConfigError, load_experiment, load_peer
+from p2pfed.config import ConfigError
+from p2pfed.load import load_experiment, load_peer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,7 +97,7 @@ async def _serve_peer(config, quiet: bool) -> int:
 
     import trio
 
-    from p2pfed.node import Peer, RoundFinished
+    from p2pfed.peer import Peer, RoundFinished
 
     stopped = False
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -136,7 +137,7 @@ async def _print_rounds(peer, round_finished) -> None:
 
 def _id(args) -> int:
     from p2pfed.net.identity import peer_id_of
-    from p2pfed.node import key_pair_of
+    from p2pfed.peer import key_pair_of
 
     config = load_peer(args.config, args.overrides)
     print(peer_id_of(key_pair_of(config)))

@@ -7,26 +7,31 @@ dataclasses and never read TOML or invent defaults of their own.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
-
-# How a peer weighs its neighbours (algorithms.md section 1).
-TRUST_SCHEMES = ("local", "fedavg", "weights", "validation", "predictions", "oracle")
-TrustScheme = Literal["local", "fedavg", "weights", "validation", "predictions", "oracle"]
-Aggregation = Literal["average", "flexlora", "zero_padded"]
-
-# Method families beside the plain trust schemes: "<family>" uses FedAvg weights, "<family>:<trust>"
-# any trust scheme. The comigs families fix (generalists, specialists) per expert layer.
-AGGREGATION_FAMILIES: dict[str, Aggregation] = {"flexlora": "flexlora", "zero-padded": "zero_padded"}
-EXPERT_FAMILIES: dict[str, tuple[int, int]] = {"comigs-1g1s": (1, 1), "comigs-2g": (2, 0), "comigs-2s": (0, 2)}
-
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+_PEER_NAME = re.compile(r"peer(0|[1-9][0-9]*)")
+
+
+def peer_name(index: int) -> str:
+    """The name of the peer at graph node `index`: its name in results and messages."""
+    return f"peer{index}"
+
+
+def peer_index(name: str) -> int:
+    # No leading zeros, so that peer_name(peer_index(name)) == name always holds.
+    match = _PEER_NAME.fullmatch(name) if isinstance(name, str) else None
+    if match is None:
+        raise ConfigError(f"{name!r} is not a peer name (expected peer0, peer1, ...)")
+    return int(match.group(1))
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,13 @@ class ModelConfig:
     cache_dir: str = ""  # empty: $P2PFED_CACHE or ~/.cache/p2pfed
 
 
+def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
+    """The LoRA scale s of Delta W = s B A: alpha / r, or alpha / sqrt(r) for rank-stabilised LoRA."""
+    if rank < 1:
+        raise ValueError(f"rank must be at least 1, got {rank}")
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
 @dataclass(frozen=True)
 class LoraConfig:
     rank: int = 8
@@ -53,6 +65,10 @@ class LoraConfig:
     # Empty: every attention and MLP linear the model family is known to have.
     target_modules: tuple[str, ...] = ()
     rslora: bool = False
+
+    def scale(self, rank: int) -> float:
+        """s for a peer of `rank`: alpha is the swarm's, the rank each peer's own."""
+        return lora_scale(self.alpha, rank, self.rslora)
 
 
 @dataclass(frozen=True)
@@ -71,7 +87,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ExpertsConfig:
-    """CoMiGS expert layers (algorithms.md section 2), used by the comigs-* methods."""
+    """CoMiGS expert layers (docs/algorithms.md), used by the comigs-* schemes."""
 
     top_k: int = 2  # experts kept per token (clipped to the layer's number of experts)
     router_every: int = 2  # expert steps between router phases
@@ -91,40 +107,19 @@ class PeerProfile:
     specialists: int | None = None  # specialist experts under comigs methods that have any; None: the method's
 
 
-@dataclass(frozen=True)
-class Method:
-    """One row of an experiment: how peers adapt, weigh their neighbours and aggregate."""
-
-    name: str
-    trust: TrustScheme
-    aggregation: Aggregation = "average"
-    generalists: int = 0  # experts per adapted layer; 0 and 0: plain LoRA
-    specialists: int = 0
-
-    @property
-    def has_experts(self) -> bool:
-        return self.generalists + self.specialists > 0
-
-    @property
-    def shares_anything(self) -> bool:
-        return self.trust != "local" and (not self.has_experts or self.generalists > 0)
-
-
-def parse_method(name: str) -> Method:
-    """"fedavg", "flexlora", "flexlora:predictions", "zero-padded", "comigs-1g1s:validation", ..."""
-    family, sep, trust = name.partition(":")
-    if family in TRUST_SCHEMES and not sep:
-        return Method(name=name, trust=family)
-    trust = trust if sep else "fedavg"
-    if trust not in TRUST_SCHEMES or trust == "local" or not (family in AGGREGATION_FAMILIES
-                                                                or family in EXPERT_FAMILIES):
-        known = [*TRUST_SCHEMES, *AGGREGATION_FAMILIES, *EXPERT_FAMILIES]
-        raise ConfigError(f"schemes: unknown scheme {name!r} (known: {', '.join(known)}; a family may take a "
-                          f"trust scheme after a colon, e.g. 'flexlora:predictions')")
-    if family in AGGREGATION_FAMILIES:
-        return Method(name=name, trust=trust, aggregation=AGGREGATION_FAMILIES[family])
-    generalists, specialists = EXPERT_FAMILIES[family]
-    return Method(name=name, trust=trust, generalists=generalists, specialists=specialists)
+# Topology generator -> its parameters: name -> (type, required). `resample_every` is accepted by all.
+TOPOLOGY_PARAMS: dict[str, dict[str, tuple[type, bool]]] = {
+    "ring": {},
+    "complete": {},
+    "star": {},
+    "random_regular": {"d": (int, True)},
+    "erdos_renyi": {"p": (float, True)},
+    "watts_strogatz": {"k": (int, True), "p": (float, True)},
+    "barabasi_albert": {"m": (int, True)},
+    "torus": {"rows": (int, False), "cols": (int, False)},
+    "edge_list": {},
+}
+RESAMPLE_KEY = "resample_every"
 
 
 @dataclass(frozen=True)
@@ -134,6 +129,45 @@ class TopologyConfig:
     params: dict[str, Any] = field(default_factory=dict)
     path: str = ""
     seed: int | None = None  # None: the experiment seed
+
+    def checked_params(self) -> tuple[dict[str, Any], int | None]:
+        """The generator's own parameters, type-checked, and `resample_every` split off.
+
+        Ranges that depend on the number of peers are checked when the graph is built.
+        """
+        spec = TOPOLOGY_PARAMS.get(self.generator)
+        if spec is None:
+            raise ConfigError(f"topology.generator: unknown generator {self.generator!r} "
+                              f"(known: {', '.join(TOPOLOGY_PARAMS)})")
+        params = dict(self.params)
+        resample_every = params.pop(RESAMPLE_KEY, None)
+        if resample_every is not None and not (_is_int(resample_every) and resample_every >= 1):
+            raise ConfigError(f"topology.params.{RESAMPLE_KEY}: must be an integer >= 1, got {resample_every!r}")
+        for key in sorted(params):
+            if key not in spec:
+                known = ", ".join([*spec, RESAMPLE_KEY])
+                raise ConfigError(
+                    f"topology.params.{key}: unknown parameter for generator {self.generator!r} (known: {known})")
+            kind, _ = spec[key]
+            value = params[key]
+            if kind is int and not _is_int(value):
+                raise ConfigError(f"topology.params.{key}: expected an integer, got {value!r}")
+            if kind is float:
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ConfigError(f"topology.params.{key}: expected a number, got {value!r}")
+                params[key] = float(value)
+        for key, (_, required) in spec.items():
+            if required and key not in params:
+                raise ConfigError(f"topology.params.{key}: required by generator {self.generator!r}")
+        if self.generator == "edge_list" and not self.path:
+            raise ConfigError("topology.path: required by generator 'edge_list'")
+        if self.generator != "edge_list" and self.path:
+            raise ConfigError(f"topology.path: only read by generator 'edge_list', not {self.generator!r}")
+        return params, resample_every
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -162,6 +196,10 @@ class TrustConfig:
     threshold: float | None = None  # drop neighbours whose weight falls below it
     fedavg_weights: Literal["uniform", "metropolis_hastings", "data_size"] = "uniform"
     weights_compare: Literal["update", "adapter"] = "update"
+    # A neighbour's update (its distance from the shared init) may be at most this many times as long
+    # as the peer's own, else it is dropped: a scaled or extreme update never reaches the aggregate.
+    # 0 turns the check off.
+    max_norm_ratio: float = 10.0
     predictions_top_k: int = 32  # next-token distributions are compared on their top-k tokens
     predictions_distance: Literal["kl", "l1"] = "kl"
 
@@ -182,26 +220,36 @@ class NetworkConfig:
 
 
 @dataclass(frozen=True)
-class ExperimentConfig:
+class Sections:
+    """The sections an experiment and each of its peers share: the same TOML tables in both files."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    trust: TrustConfig = field(default_factory=TrustConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+
+    def sections(self) -> dict[str, Any]:
+        """The shared sections by name, to build the other kind of config from this one."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(Sections)}
+
+
+@dataclass(frozen=True)
+class ExperimentConfig(Sections):
     name: str = "experiment"
     num_peers: int = 8
     seeds: tuple[int, ...] = (0,)
-    schemes: tuple[str, ...] = ("local", "fedavg", "validation")  # see parse_method
+    schemes: tuple[str, ...] = ("local", "fedavg", "validation")  # see strategies.parse_scheme
     # "inprocess": every peer in one process on an in-memory network (virtual clock);
     # "libp2p": each peer its own `p2pfed peer` process, talking libp2p over loopback.
     runtime: Literal["inprocess", "libp2p"] = "inprocess"
     workers: int = 1  # processes running (scheme, seed) jobs side by side
     output_dir: str = "runs"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
     # Peer i gets profiles[i % len(profiles)]; empty: every peer takes the experiment's values.
     profiles: tuple[PeerProfile, ...] = ()
-    data: DataConfig = field(default_factory=DataConfig)
     topology: TopologyConfig = field(default_factory=TopologyConfig)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
-    trust: TrustConfig = field(default_factory=TrustConfig)
-    network: NetworkConfig = field(default_factory=NetworkConfig)
 
     def validate(self) -> "ExperimentConfig":
         _check(self.num_peers >= 1, "num_peers", "must be at least 1")
@@ -222,7 +270,7 @@ class ExperimentConfig:
         _check(e.router_steps >= 0, "experts.router_steps", "must not be negative")
         _check(e.router_lr > 0, "experts.router_lr", "must be positive")
         _check(e.load_balancing >= 0, "experts.load_balancing", "must not be negative")
-        self._check_methods()
+        self.topology.checked_params()
         _check(len(self.data.groups) >= 1, "data.groups", "needs at least one group")
         _check(0.0 < self.data.own_fraction <= 1.0, "data.own_fraction", "must be in (0, 1]")
         _check(self.data.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be positive")
@@ -241,6 +289,7 @@ class ExperimentConfig:
             _check(tau > 0, f"trust.temperature.{scheme}", "must be positive")
         _check(self.trust.top_k >= 0, "trust.top_k", "must not be negative")
         _check(self.trust.predictions_top_k >= 1, "trust.predictions_top_k", "must be at least 1")
+        _check(self.trust.max_norm_ratio >= 0, "trust.max_norm_ratio", "must not be negative (0 turns it off)")
         n = self.network
         for name in ("drop_prob", "delay_prob", "churn_prob"):
             _check(0.0 <= getattr(n, name) < 1.0, f"network.{name}", "must be in [0, 1)")
@@ -249,30 +298,11 @@ class ExperimentConfig:
         _check(n.max_message_bytes > 0, "network.max_message_bytes", "must be positive")
         return self
 
-    @property
-    def methods(self) -> tuple[Method, ...]:
-        return tuple(parse_method(name) for name in self.schemes)
-
     def profile_of(self, index: int) -> PeerProfile:
         return self.profiles[index % len(self.profiles)] if self.profiles else PeerProfile()
 
     def rank_of(self, index: int) -> int:
         return self.profile_of(index).rank or self.lora.rank
-
-    def _check_methods(self) -> None:
-        ranks = sorted({self.rank_of(i) for i in range(self.num_peers)})
-        for method in self.methods:
-            if len(ranks) == 1:
-                continue
-            if method.has_experts:
-                raise ConfigError(
-                    f"schemes: {method.name!r} needs one rank on every peer (a layer's experts run as one batched "
-                    f"product), but the profiles give ranks {ranks}; mixed-rank expert layers are not supported")
-            if method.aggregation == "average" and method.shares_anything:
-                flex = "flexlora" if method.trust == "fedavg" else f"flexlora:{method.trust}"
-                raise ConfigError(
-                    f"schemes: {method.name!r} averages A and B, which needs one LoRA rank, but the profiles give "
-                    f"ranks {ranks}: use {flex!r} (or 'zero-padded', the naive baseline)")
 
 
 @dataclass(frozen=True)
@@ -283,7 +313,7 @@ class NeighbourConfig:
 
 
 @dataclass(frozen=True)
-class PeerConfig:
+class PeerConfig(Sections):
     """One peer as its own process or inside an app (`p2pfed peer PEER.toml`, `async with Peer(config)`).
 
     Its data is its share of a split: peer `name`'s blocks of the `data` split among `num_peers` with
@@ -291,7 +321,7 @@ class PeerConfig:
     """
 
     name: str = "peer0"
-    scheme: str = "validation"  # see parse_method
+    scheme: str = "validation"  # see strategies.parse_scheme
     seed: int = 0  # the split, the shared adapter init and the batch order
     num_peers: int = 1
     profile: PeerProfile = field(default_factory=PeerProfile)
@@ -305,28 +335,13 @@ class PeerConfig:
     state_dir: str = ""  # checkpoints and results; empty: none (nothing survives a restart)
     checkpoint_every: int = 1
     threads: int = 1  # torch threads; 0 leaves torch's default
-    model: ModelConfig = field(default_factory=ModelConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
-    trust: TrustConfig = field(default_factory=TrustConfig)
-    network: NetworkConfig = field(default_factory=NetworkConfig)
-
-    @property
-    def method(self) -> Method:
-        return parse_method(self.scheme)
 
     def as_experiment(self) -> ExperimentConfig:
         """The experiment this peer is one of: checks every shared section the same way."""
-        return ExperimentConfig(
-            num_peers=self.num_peers, seeds=(self.seed,), schemes=(self.scheme,), model=self.model,
-            lora=self.lora, experts=self.experts, profiles=(self.profile,), data=self.data,
-            training=self.training, trust=self.trust, network=self.network)
+        return ExperimentConfig(num_peers=self.num_peers, seeds=(self.seed,), schemes=(self.scheme,),
+                                profiles=(self.profile,), **self.sections())
 
     def validate(self) -> "PeerConfig":
-        from p2pfed.topology import peer_index
-
         self.as_experiment().validate()
         _check(peer_index(self.name) < self.num_peers, "name", f"must be one of peer0..peer{self.num_peers - 1}")
         _check(self.checkpoint_every >= 1, "checkpoint_every", "must be at least 1")
@@ -336,15 +351,6 @@ class PeerConfig:
         _check(len(set(names)) == len(names), "neighbours", "lists a neighbour twice")
         _check(self.name not in names, "neighbours", "lists the peer itself")
         return self
-
-
-def load_peer(path: str | Path | None = None, overrides: list[str] | None = None) -> PeerConfig:
-    data = load_toml(path) if path is not None else {}
-    data = apply_overrides(data, list(overrides or []))
-    base_dir = Path(path).resolve().parent if path is not None else Path.cwd()
-    if isinstance(data.get("profile"), str):
-        data["profile"] = resolve_profiles([data["profile"]], base_dir)[0]
-    return from_dict(PeerConfig, data).validate()
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -428,85 +434,3 @@ def to_dict(config: Any) -> dict[str, Any]:
             return {k: plain(v) for k, v in value.items()}
         return value
     return plain(dataclasses.asdict(config))
-
-
-# ---------------------------------------------------------------------------
-# Files and command-line overrides.
-
-def parse_override(assignment: str) -> tuple[list[str], Any]:
-    """`a.b.c=value` -> (["a", "b", "c"], value); the value is read as TOML, else as a string."""
-    key, sep, raw = assignment.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE")
-    try:
-        value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw.strip()
-    return key.split("."), value
-
-
-def apply_overrides(data: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
-    for assignment in assignments:
-        path, value = parse_override(assignment)
-        node = data
-        for part in path[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {assignment!r}: {part} is not a table")
-            node = child
-        node[path[-1]] = value
-    return data
-
-
-def load_toml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such file")
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{path}: not valid TOML ({error})") from error
-
-
-def resolve_topology(value: Any, base_dir: Path) -> dict[str, Any]:
-    """The experiment's `topology` key is a table or the path of a topologies/*.toml file."""
-    if isinstance(value, str):
-        candidate = _find(value, base_dir)
-        table = load_toml(candidate)
-        if isinstance(table.get("path"), str) and table["path"] and not Path(table["path"]).is_absolute():
-            table["path"] = str((candidate.parent / table["path"]).resolve())
-        return table
-    return value
-
-
-def _find(value: str, base_dir: Path) -> Path:
-    candidate = Path(value)
-    for root in (base_dir, Path.cwd()):
-        if (root / candidate).is_file():
-            return root / candidate
-    return candidate
-
-
-def resolve_profiles(value: Any, base_dir: Path) -> Any:
-    """`profiles` lists tables or paths of peers/*.toml files; a file's profile is named after it by default."""
-    if not isinstance(value, list):
-        return value
-    resolved = []
-    for item in value:
-        if isinstance(item, str):
-            path = _find(item, base_dir)
-            item = {"name": path.stem, **load_toml(path)}
-        resolved.append(item)
-    return resolved
-
-
-def load_experiment(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    data = load_toml(path) if path is not None else {}
-    data = apply_overrides(data, list(overrides or []))
-    base_dir = Path(path).resolve().parent if path is not None else Path.cwd()
-    if "topology" in data:
-        data["topology"] = resolve_topology(data["topology"], base_dir)
-    if "profiles" in data:
-        data["profiles"] = resolve_profiles(data["profiles"], base_dir)
-    return from_dict(ExperimentConfig, data).validate()

@@ -16,8 +16,10 @@ import torch
 from p2pfed import report
 from p2pfed.config import ExperimentConfig
 from p2pfed.model import load_base_model
-from p2pfed.peer import RoundRecord
-from p2pfed.swarm import JobResult, Workspace, open_workspace, run_job
+from p2pfed.job import JobResult, Workspace, open_workspace
+from p2pfed.records import RoundRecord
+from p2pfed.strategies import check_schemes
+from p2pfed.swarm import run_job
 
 ProgressCallback = Callable[[str, int], None]  # (job label, rounds advanced)
 
@@ -47,6 +49,7 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, progress: ProgressCa
                    log=print) -> dict:
     """Run every job, write events.jsonl, results.json and the plots to `run_dir`; return the results."""
     started = time.perf_counter()
+    check_schemes(config)  # a bad scheme fails here, not in a worker after the model loaded
     # Pretrain (or find in the cache) the base model once, before any worker needs it.
     load_base_model(config.model, log=log)
     jobs = [(scheme, seed) for seed in config.seeds for scheme in config.schemes]

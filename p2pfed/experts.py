@@ -30,8 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from p2pfed.aggregate import lora_scale
-from p2pfed.config import ConfigError
+from p2pfed.config import ConfigError, lora_scale
 
 __all__ = [
     "TensorKind", "TENSOR_KINDS", "EXPERT_TENSORS", "MLP_TARGETS", "kind_of", "is_shared", "is_router",

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import tomli_w
 
-from p2pfed.config import ExperimentConfig, NeighbourConfig, PeerConfig, to_dict
+from p2pfed.config import ExperimentConfig, NeighbourConfig, PeerConfig, peer_name, to_dict
+from p2pfed.job import JobResult, Workspace, job_setup
 from p2pfed.seeding import derive_seed
-from p2pfed.swarm import JobResult, Workspace, job_setup
-from p2pfed.topology import neighbours, peer_name
+from p2pfed.topology import neighbours
 
 LOOPBACK = "127.0.0.1"
 
@@ -56,8 +56,7 @@ def peer_configs(config: ExperimentConfig, graph, scheme: str, seed: int, job_di
             identity_seed=identity_seeds[i], listen=(loopback_addr(ports[i]),),
             neighbours=tuple(NeighbourConfig(peer_name(j), peer_ids[j], (loopback_addr(ports[j]),))
                              for j in neighbours(graph, i)),
-            state_dir=str(job_dir / peer_name(i)), model=config.model, lora=config.lora, experts=config.experts,
-            data=config.data, training=config.training, trust=config.trust, network=config.network,
+            state_dir=str(job_dir / peer_name(i)), **config.sections(),
         ))
     return configs
 
@@ -79,8 +78,8 @@ def _without_none(value):
 def run_job_libp2p(config: ExperimentConfig, workspace: Workspace, scheme: str, seed: int, run_dir: Path,
                    on_peer_done=None) -> JobResult:
     """Run one job as N peer processes; raise RuntimeError (with the failing peer's log) if one fails."""
-    from p2pfed.node import RESULT_FILE
-    from p2pfed.peer import PeerResult
+    from p2pfed.peer import RESULT_FILE
+    from p2pfed.records import PeerResult
 
     graph, data = job_setup(config, workspace, seed)
     job_dir = run_dir / "libp2p" / f"{scheme.replace(':', '_')}-seed{seed}"
@@ -115,12 +114,7 @@ def run_job_libp2p(config: ExperimentConfig, workspace: Workspace, scheme: str, 
     for peer in configs:
         result = json.loads((Path(peer.state_dir) / RESULT_FILE).read_text(encoding="utf-8"))
         peers[peer.name] = PeerResult.from_json(result)
-    return JobResult(
-        scheme=scheme, seed=seed, peers=peers,
-        graph_edges=[(peer_name(u), peer_name(v)) for u, v in graph.edges()],
-        groups={d.name: d.group for d in data},
-        profiles={peer_name(i): config.profile_of(i).name for i in range(config.num_peers)},
-    )
+    return JobResult.of(config, scheme, seed, graph, data, peers)
 
 
 __all__ = ["free_ports", "peer_configs", "write_peer_toml", "run_job_libp2p"]

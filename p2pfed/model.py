@@ -259,9 +259,7 @@ class AdapterHost:
 
     def scale(self, rank: int) -> float:
         """s = alpha / r (alpha / sqrt(r) with rsLoRA): alpha is the swarm's, the rank each peer's own."""
-        from p2pfed.aggregate import lora_scale
-
-        return lora_scale(self.lora.alpha, rank, self.lora.rslora)
+        return self.lora.scale(rank)
 
     def initial_adapter(self, seed: int, layout: AdapterLayout | None = None) -> Adapter:
         """The seeded init: peers with the same seed and layout hold the same adapter.

@@ -1,377 +1,316 @@
-"""The peer: train k local steps -> send the shared adapter to neighbours -> take what arrived by the
-deadline -> trust -> aggregate -> evaluate. The same code runs in simulation and on the network;
-only the endpoint differs.
+"""A peer on the real network, embeddable in any trio program.
 
-A peer knows its own data, its neighbours' names and what they sent; never the global graph.
+    async with Peer(config) as peer:              # loads the model, opens libp2p, starts the rounds
+        async with peer.subscribe() as events:
+            async for event in events:            # UpdateReceived, TrustChanged, RoundFinished
+                ...
+        text = await peer.generate("Ciao, come")  # the current personalized model, any time
+        result = await peer.finished()            # every round's record
+
+The rounds run in a background task of the block, their model work in a worker thread; leaving the block
+stops them (a peer stopped between rounds checkpoints first) and closes the host. The rounds are the same
+`PeerLoop` code the in-process swarm runs (p2pfed.loop); only the endpoint differs.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
+import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
-from functools import partial
-from typing import TypeVar
+import math
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import trio
+from torch import nn
 
-from p2pfed import aggregate, evaluate, trust
-from p2pfed.checkpoint import CheckpointError, PeerCheckpoint, load_checkpoint, save_checkpoint
-from p2pfed.config import ExpertsConfig, Method, NetworkConfig, TrainingConfig, TrustConfig
-from p2pfed.data import PeerData
-from p2pfed.experts import is_shared
-from p2pfed.model import AdapterHost, AdapterLayout, trainable_copy
-from p2pfed.training import LocalTrainer, make_trainer
+from p2pfed.config import ConfigError, PeerConfig, peer_index
+from p2pfed.data import PeerData, make_peer_data
+from p2pfed.job import initial_adapter, open_workspace, peer_spec
+from p2pfed.loop import PeerHooks, PeerLoop, PeerSpec
+from p2pfed.model import AdapterHost, BaseModel
 from p2pfed.net import wire
-from p2pfed.net.transport import Endpoint
+from p2pfed.records import PeerResult, RoundRecord
+from p2pfed.strategies import check_schemes
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
+
+IDENTITY_FILE = "identity.key"
+RESULT_FILE = "result.json"
+
+
+# -- events --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class UpdateReceived:
+    sender: str
+    round: int
 
 
 @dataclass(frozen=True)
-class PeerSpec:
-    name: str
-    neighbours: tuple[str, ...]
-    method: Method
-    layout: AdapterLayout
-    seed: int
-    training: TrainingConfig
-    trust: TrustConfig
-    experts: ExpertsConfig = ExpertsConfig()
-    network: NetworkConfig = NetworkConfig()  # encoding, round deadline and message size cap
-    # Only the oracle baseline may know its neighbours' data mixtures; no real scheme uses them.
-    oracle_mixtures: Mapping[str, Mapping[str, float]] | None = None
-    # Where the peer checkpoints, every `checkpoint_every` rounds and when stopped between rounds;
-    # a peer started with a state folder that holds a checkpoint resumes from it. None: no checkpoints.
-    state_dir: str | None = None
-    checkpoint_every: int = 1
+class TrustChanged:
+    round: int
+    weights: dict[str, float]  # over the peer itself and the neighbours it aggregated
 
 
 @dataclass(frozen=True)
-class RoundRecord:
-    round: int  # 0 is before any training
-    steps: int
-    train_loss: float | None
-    test_ppl: float | None
-    trust: dict[str, float]  # this round's weights over self and neighbours ({} when it did not aggregate)
-    missing: tuple[str, ...]  # neighbours whose update did not arrive by the deadline
-    bytes_sent: int
-    online: bool = True
+class RoundFinished:
+    record: RoundRecord
 
-    @classmethod
-    def from_dict(cls, data: dict) -> "RoundRecord":
-        """From `dataclasses.asdict` output read back from JSON (lists back to tuples)."""
-        return cls(**{**data, "missing": tuple(data["missing"])})
+
+PeerEvent = UpdateReceived | TrustChanged | RoundFinished
+
+
+# -- what a peer needs before its first round ----------------------------------------------
+
+@dataclass
+class PreparedPeer:
+    base: BaseModel
+    host: AdapterHost
+    data: PeerData
+    spec: PeerSpec
+    initial_adapter: dict[str, torch.Tensor]
+
+
+def prepare_peer(config: PeerConfig) -> PreparedPeer:
+    """The blocking part of starting a peer: the frozen model, this peer's data share, its spec."""
+    experiment = config.as_experiment()
+    index = peer_index(config.name)
+    # The experiment of one peer lists only this peer's profile, so every index gets it.
+    spec = peer_spec(experiment, index, tuple(n.name for n in config.neighbours), config.scheme, config.seed,
+                     state_dir=config.state_dir or None, checkpoint_every=config.checkpoint_every)
+    workspace = open_workspace(experiment, log=log.info)
+    host = workspace.host_for(spec.scheme)
+    data = make_peer_data(workspace.tokens, config.num_peers, config.data, config.seed)[index]
+    return PreparedPeer(base=workspace.base, host=host, data=data, spec=spec,
+                        initial_adapter=initial_adapter(host, spec))
+
+
+def key_pair_of(config: PeerConfig):
+    """The peer's libp2p identity: its key file, else a key from identity_seed, else state_dir/identity.key."""
+    from p2pfed.net.identity import identity_from_file, identity_from_seed
+
+    if config.key_file:
+        return identity_from_file(config.key_file)
+    if config.identity_seed is not None:
+        return identity_from_seed(config.identity_seed)
+    if config.state_dir:
+        Path(config.state_dir).mkdir(parents=True, exist_ok=True)
+        return identity_from_file(Path(config.state_dir) / IDENTITY_FILE)
+    raise ConfigError("key_file: a networked peer needs an identity: set key_file, identity_seed or state_dir")
 
 
 @dataclass
-class PeerResult:
+class NamedEndpoint:
+    """The libp2p endpoint seen through peer names: the loop speaks names, the network peer IDs."""
+
     name: str
-    rounds: list[RoundRecord] = field(default_factory=list)
-
-    @property
-    def final_test_ppl(self) -> float:
-        return next(r.test_ppl for r in reversed(self.rounds) if r.test_ppl is not None)
-
-    @property
-    def final_trust(self) -> dict[str, float]:
-        return next((r.trust for r in reversed(self.rounds) if r.trust), {})
+    inner: object  # Libp2pEndpoint
+    ids: dict[str, str]  # neighbour name -> peer ID
 
     @property
     def bytes_sent(self) -> int:
-        return self.rounds[-1].bytes_sent if self.rounds else 0
+        return self.inner.bytes_sent
 
-    def to_json(self) -> dict:
-        return {"name": self.name, "rounds": [dataclasses.asdict(r) for r in self.rounds]}
+    async def send(self, to: str, payload: bytes) -> None:
+        await self.inner.send(self.ids[to], payload)
 
-    @classmethod
-    def from_json(cls, data: dict) -> "PeerResult":
-        return cls(name=data["name"], rounds=[RoundRecord.from_dict(r) for r in data["rounds"]])
+    async def receive(self) -> tuple[str, bytes]:
+        names = {peer_id: name for name, peer_id in self.ids.items()}
+        sender, payload = await self.inner.receive()
+        # The transport already refuses strangers; an unknown ID keeps its raw form and the loop drops it.
+        return names.get(sender, sender), payload
 
-
-async def run_inline(work: Callable[[], T]) -> T:
-    """Compute on the event loop: the simulation's choice, where every peer shares one thread anyway."""
-    return work()
-
-
-@dataclass(frozen=True)
-class PeerHooks:
-    """What a peer tells its owner as it runs (the swarm's progress bar, an embedding app's events)."""
-
-    on_round: Callable[[str, RoundRecord], None] | None = None  # (peer, record) after every round
-    on_update: Callable[[str, wire.UpdateMessage], None] | None = None  # (peer, update) for each accepted update
-    # Runs the model work of a round (training, trust scores, aggregation, evaluation). A networked peer
-    # runs it in a worker thread, so that the event loop keeps reading from the network meanwhile.
-    compute: Callable[[Callable[[], T]], Awaitable[T]] = run_inline
-
-
-class UpdateInbox:
-    """Neighbours' updates by round. A fast neighbour's next-round update waits here for the next round
-    instead of replacing the one this round needs; an update at most one round stale stands in for a late one."""
-
-    def __init__(self, max_ahead: int):
-        self.max_ahead = max_ahead
-        self._by_sender: dict[str, dict[int, wire.UpdateMessage]] = {}
-
-    def put(self, message: wire.UpdateMessage, current_round: int) -> bool:
-        if not current_round - 1 <= message.round <= current_round + self.max_ahead:
-            return False  # too old to use, or too far ahead to be honest: do not let it take memory
-        self._by_sender.setdefault(message.sender, {})[message.round] = message
+    def online(self, round_index: int) -> bool:
         return True
 
-    def has_reached(self, sender: str, round_index: int) -> bool:
-        return any(r >= round_index for r in self._by_sender.get(sender, {}))
 
-    def for_round(self, round_index: int) -> dict[str, wire.UpdateMessage]:
-        """Each neighbour's newest update from this round or the one before; older ones are forgotten."""
-        chosen = {}
-        for sender, rounds in self._by_sender.items():
-            for old in [r for r in rounds if r < round_index - 1]:
-                del rounds[old]
-            usable = [r for r in rounds if r <= round_index]
-            if usable:
-                chosen[sender] = rounds[max(usable)]
-        return chosen
+# -- the embeddable peer ---------------------------------------------------------------------
 
+class Peer:
+    """A networked peer for `async with`; the constructor only stores its config."""
 
-class PeerLoop:
-    """One participant. Construction stores references only; `run()` does the work."""
+    EVENT_BUFFER = 256  # events kept for a subscriber that is not reading; older ones are dropped
 
-    def __init__(self, spec: PeerSpec, host: AdapterHost, data: PeerData, endpoint: Endpoint,
-                 initial_adapter: Mapping[str, torch.Tensor], hooks: PeerHooks = PeerHooks()):
-        self.spec = spec
-        self.host = host
-        self.data = data
-        self.endpoint = endpoint
-        self.initial_adapter = initial_adapter
-        self.hooks = hooks
-        self.adapter: dict[str, torch.nn.Parameter] | None = None  # the live adapter, once run() has started
+    def __init__(self, config: PeerConfig):
+        self.config = config
+        self.prepared: PreparedPeer | None = None
+        self.endpoint = None  # the Libp2pEndpoint, once the block is entered
+        self._loop: PeerLoop | None = None
+        self._subscribers: list[trio.MemorySendChannel] = []
+        self._result: PeerResult | None = None
+        self._error: BaseException | None = None
+        self._done = trio.Event()
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._stop: trio.CancelScope | None = None
+        # One user of the model at a time: the peer's rounds (in a worker thread) or the app.
+        self._model_lock = trio.Lock()
+        self._last_trust: dict[str, float] = {}
 
     @property
-    def communicates(self) -> bool:
-        return self.spec.method.shares_anything and bool(self.spec.neighbours)
+    def name(self) -> str:
+        return self.config.name
 
     @property
-    def flexible_rank(self) -> bool:
-        """Whether neighbours may hold other ranks than this peer (their factors are projected, not averaged)."""
-        return self.spec.method.aggregation != "average"
+    def peer_id(self) -> str:
+        return self.endpoint.name
 
-    def expected_shapes(self, adapter: Mapping[str, torch.Tensor]) -> dict[str, tuple[int | None, ...]]:
-        """The shared tensors a neighbour's update must hold; the rank dimension is free when ranks may differ."""
-        shapes: dict[str, tuple[int | None, ...]] = {}
-        for name, tensor in adapter.items():
-            if not is_shared(name):
-                continue
-            shape: tuple[int | None, ...] = tuple(tensor.shape)
-            if self.flexible_rank:
-                shape = (None, shape[1]) if name.endswith("lora_A") else (shape[0], None)
-            shapes[name] = shape
-        return shapes
+    @property
+    def listen_addrs(self) -> list[str]:
+        return self.endpoint.listen_addrs
 
-    async def run(self) -> PeerResult:
-        spec, training = self.spec, self.spec.training
-        adapter = trainable_copy(self.initial_adapter)
-        self.adapter = adapter
-        trainer = make_trainer(self.host, adapter, self.data, training, spec.experts, spec.seed, spec.name)
-        expected_shapes = self.expected_shapes(adapter)
-        inbox = UpdateInbox(max_ahead=2)
-        result = PeerResult(spec.name)
-        steps, saved_round = 0, 0
-        checkpoint = self._load_checkpoint()
-        if checkpoint is None:
-            test_ppl = await self.hooks.compute(partial(self._test_ppl, adapter))
-            self._record(result, RoundRecord(0, 0, None, test_ppl, {}, (), 0))
-        else:
-            steps, saved_round = checkpoint.steps, checkpoint.round
-            self._restore(checkpoint, adapter, trainer, result)
-        at_round_end = True
+    async def __aenter__(self) -> "Peer":
+        from p2pfed.net.libp2p_endpoint import TransportLimits, open_libp2p_endpoint
+
+        config = self.config.validate()
+        check_schemes(config.as_experiment())
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        # Loading and tokenizing block for seconds: off the event loop, so the app keeps running.
+        self.prepared = await trio.to_thread.run_sync(prepare_peer, config)
+        neighbours = {n.peer_id: list(n.addrs) for n in config.neighbours}
+        limits = TransportLimits(max_message_bytes=config.network.max_message_bytes)
+        self._stack = contextlib.AsyncExitStack()
+        await self._stack.__aenter__()
         try:
-            for round_index in range(saved_round + 1, training.rounds + 1):
-                at_round_end = False
-                record = await self._round(round_index, adapter, trainer, inbox, expected_shapes, steps)
-                steps = record.steps
-                self._record(result, record)
-                at_round_end = True
-                if spec.state_dir and (round_index % spec.checkpoint_every == 0 or round_index == training.rounds):
-                    self._save(adapter, trainer, result, steps)
-                    saved_round = round_index
-                await trio.sleep(0)  # let other peers and the transport run between rounds
+            self.endpoint = await self._stack.enter_async_context(
+                open_libp2p_endpoint(key_pair_of(config), list(config.listen), neighbours, limits))
+            nursery = await self._stack.enter_async_context(trio.open_nursery())
+            self._stop = nursery.cancel_scope  # leaving the block early cancels the rounds
+            nursery.start_soon(self._run)
+        except BaseException:
+            await self._stack.__aexit__(None, None, None)
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info) -> bool | None:
+        try:
+            if not self._done.is_set():
+                self._stop.cancel()
+            return await self._stack.__aexit__(*exc_info)
         finally:
-            # Stopped between rounds: keep what the last rounds did. Stopped mid-round: the adapter holds a
-            # half-done round, so the last checkpoint (at most checkpoint_every rounds old) stands.
-            last = result.rounds[-1].round
-            if spec.state_dir and at_round_end and last > saved_round:
-                self._save(adapter, trainer, result, steps)
-        return result
+            for channel in self._subscribers:
+                channel.close()
 
-    async def _round(self, round_index: int, adapter, trainer: LocalTrainer, inbox: "UpdateInbox",
-                     expected_shapes, steps: int) -> RoundRecord:
-        spec, training = self.spec, self.spec.training
-        if not self.endpoint.online(round_index):
-            # Churn: the device is away for this round; neighbours go on without it.
-            return RoundRecord(round_index, steps, None, None, {}, (), self.endpoint.bytes_sent, online=False)
-        compute = self.hooks.compute
-        train_loss = await compute(partial(trainer.train, training.local_steps))
-        steps += training.local_steps
-        weights: dict[str, float] = {}
-        missing: tuple[str, ...] = ()
-        if self.communicates and steps > training.warmup_steps:
-            await self._send(adapter, round_index)
-            await self._collect(inbox, round_index, expected_shapes)
-            usable = inbox.for_round(round_index)
-            missing = tuple(n for n in spec.neighbours if n not in usable or usable[n].round != round_index)
-            weights = await compute(partial(self._weights, adapter, usable))
-            await compute(partial(self._aggregate, adapter, usable, weights))
-        evaluate_now = round_index % training.eval_every == 0 or round_index == training.rounds
-        test_ppl = await compute(partial(self._test_ppl, adapter)) if evaluate_now else None
-        return RoundRecord(round_index, steps, train_loss, test_ppl, weights, missing, self.endpoint.bytes_sent)
+    async def _run(self) -> None:
+        prepared, config = self.prepared, self.config
+        endpoint = NamedEndpoint(config.name, self.endpoint, {n.name: n.peer_id for n in config.neighbours})
+        self._loop = PeerLoop(prepared.spec, prepared.host, prepared.data, endpoint, prepared.initial_adapter,
+                              hooks=PeerHooks(on_round=self._on_round, on_update=self._on_update,
+                                              compute=self._compute, offload=trio.to_thread.run_sync))
+        try:
+            await self._wait_for_neighbours(config.startup_timeout_s)
+            self._result = await self._loop.run()
+            if config.state_dir:
+                path = Path(config.state_dir) / RESULT_FILE
+                path.write_text(json.dumps(self._result.to_json()), encoding="utf-8")
+        except Exception as error:  # the app learns of it from finished(); the block itself stays up
+            log.exception("%s: the peer stopped with an error", config.name)
+            self._error = error
+        finally:
+            self._done.set()
 
-    # -- checkpoints ------------------------------------------------------------------------
+    async def _wait_for_neighbours(self, timeout: float) -> None:
+        """Give every neighbour up to `timeout` to answer, so that round 1 does not start into the void."""
+        waiting = getattr(self.endpoint, "wait_for_neighbours", None)
+        if waiting is None or not self.config.neighbours:
+            return
+        unreachable = await waiting(timeout)
+        if unreachable:
+            log.warning("%s: starting without %s (no answer in %.0f s)", self.name, ", ".join(unreachable), timeout)
 
-    def _identity(self) -> dict:
-        spec = self.spec
-        return {"peer": spec.name, "method": spec.method.name, "layout": dataclasses.asdict(spec.layout),
-                "seed": spec.seed}
+    # -- what the app uses ---------------------------------------------------------------
 
-    def _load_checkpoint(self) -> PeerCheckpoint | None:
-        if not self.spec.state_dir:
-            return None
-        checkpoint = load_checkpoint(self.spec.state_dir)
-        if checkpoint is not None and checkpoint.meta.get("identity") != self._identity():
-            raise CheckpointError(
-                f"{self.spec.state_dir} holds the checkpoint of {checkpoint.meta.get('identity')}, not of "
-                f"{self._identity()}: give this peer its own state folder (or move that one away to start afresh)")
-        return checkpoint
+    async def finished(self) -> PeerResult:
+        """Wait for the last round; the peer's records (raises what stopped the peer, if anything did)."""
+        await self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._result
 
-    def _restore(self, checkpoint: PeerCheckpoint, adapter, trainer: LocalTrainer, result: PeerResult) -> None:
-        with torch.no_grad():
-            for name, parameter in adapter.items():
-                parameter.copy_(checkpoint.tensors[name])
-        for name, optimizer in trainer.optimizers().items():
-            optimizer.load_state_dict(checkpoint.optimizers[name])
-        for name, stream in trainer.streams().items():
-            stream.restore(checkpoint.streams[name])
-        result.rounds.extend(RoundRecord.from_dict(r) for r in checkpoint.history)
-        log.info("%s: resumed from %s after round %d", self.spec.name, self.spec.state_dir, checkpoint.round)
+    @contextlib.asynccontextmanager
+    async def subscribe(self) -> AsyncIterator[trio.MemoryReceiveChannel]:
+        """A channel of PeerEvents from now on; it closes when the peer stops."""
+        send, receive = trio.open_memory_channel(self.EVENT_BUFFER)
+        self._subscribers.append(send)
+        try:
+            async with receive:
+                yield receive
+        finally:
+            if send in self._subscribers:
+                self._subscribers.remove(send)
+            send.close()
 
-    def _save(self, adapter, trainer: LocalTrainer, result: PeerResult, steps: int) -> None:
-        save_checkpoint(self.spec.state_dir, PeerCheckpoint(
-            round=result.rounds[-1].round, steps=steps,
-            tensors={name: p.detach() for name, p in adapter.items()},
-            optimizers={name: o.state_dict() for name, o in trainer.optimizers().items()},
-            streams={name: s.state() for name, s in trainer.streams().items()},
-            trust=dict(result.final_trust), history=result.to_json()["rounds"],
-            meta={"identity": self._identity()},
-        ))
+    @contextlib.asynccontextmanager
+    async def personalized_model(self) -> AsyncIterator[nn.Module]:
+        """The base model pointed at the peer's current adapter, for the app's own use.
 
-    # -- the steps of a round -------------------------------------------------------------
+        Waits for the round's model work to pause and holds the model meanwhile: keep the block short.
+        """
+        async with self._model_lock:
+            with self._pointed_model() as model:
+                yield model
 
-    async def _send(self, adapter, round_index: int) -> None:
-        message = wire.UpdateMessage(
-            sender=self.spec.name, round=round_index,
-            tensors={name: p.detach() for name, p in adapter.items() if is_shared(name)},
-            degree=len(self.spec.neighbours), num_samples=int(self.data.train.numel()),
-        )
-        payload = wire.encode_update(message, self.spec.network.encoding)
-        for neighbour in self.spec.neighbours:
-            await self.endpoint.send(neighbour, payload)
+    async def generate(self, prompt: str, max_new_tokens: int = 40, temperature: float = 0.0,
+                       seed: int = 0) -> str:
+        """Complete `prompt` with the personalized model (greedy at temperature 0), in a worker thread."""
+        async with self._model_lock:
+            return await trio.to_thread.run_sync(self._generate, prompt, max_new_tokens, temperature, seed)
 
-    async def _collect(self, inbox: "UpdateInbox", round_index: int,
-                       expected_shapes: Mapping[str, tuple[int | None, ...]]) -> None:
-        """Take updates until every neighbour's round update is in, or the deadline passes."""
-        neighbours = set(self.spec.neighbours)
-        limits = wire.WireLimits(max_bytes=self.spec.network.max_message_bytes)
-        with trio.move_on_after(self.spec.network.round_timeout_s):
-            while not all(inbox.has_reached(n, round_index) for n in neighbours):
-                sender, payload = await self.endpoint.receive()
-                if sender not in neighbours:
-                    log.warning("%s: dropped an update from %s, which is not a neighbour", self.spec.name, sender)
-                    continue
-                try:
-                    message = wire.decode_update(payload, expected_shapes, limits)
-                    if self.flexible_rank:
-                        aggregate.lora_pairs(message.tensors, self.host.scale)  # ranks of A and B agree
-                except (wire.WireError, ValueError) as error:
-                    log.error("%s: dropped a bad update from %s: %s", self.spec.name, sender, error)
-                    continue
-                if message.sender != sender:
-                    log.error("%s: dropped an update from %s claiming to be %s", self.spec.name, sender,
-                              message.sender)
-                    continue
-                if not inbox.put(message, round_index):
-                    log.warning("%s: dropped an update from %s for round %d (now round %d)", self.spec.name,
-                                sender, message.round, round_index)
-                elif self.hooks.on_update is not None:
-                    self.hooks.on_update(self.spec.name, message)
+    async def _compute(self, work):
+        # Training steps take seconds on a real model; on the event loop they would stop the peer reading
+        # from the network, and Yamux resets a sender whose receiver stops reading for 5 s.
+        async with self._model_lock:
+            return await trio.to_thread.run_sync(work)
 
-    def _weights(self, adapter, received: Mapping[str, wire.UpdateMessage]) -> dict[str, float]:
-        spec, cfg, scheme = self.spec, self.spec.trust, self.spec.method.trust
-        names = sorted(received)
-        if scheme == "fedavg":
-            if cfg.fedavg_weights == "metropolis_hastings":
-                return trust.metropolis_hastings_weights(spec.name, len(spec.neighbours),
-                                                         {n: received[n].degree for n in names})
-            if cfg.fedavg_weights == "data_size":
-                return trust.data_size_weights(spec.name, int(self.data.train.numel()),
-                                               {n: received[n].num_samples for n in names})
-            return trust.uniform_weights(spec.name, names)
-        if scheme == "oracle":
-            mixtures = spec.oracle_mixtures or {}
-            return trust.oracle_weights(spec.name, {n: mixtures[n] for n in [spec.name, *names]})
-        if not names:
-            return {spec.name: 1.0}
-        own = {name: p.detach() for name, p in adapter.items()}
-        if scheme == "weights":
-            scores = self._weight_scores(own, received)
-            tau = cfg.temperature.weights
-        else:
-            # A neighbour's model on this peer's data: its shared tensors (at its own rank) over this
-            # peer's local ones (the specialists and router of an expert layer).
-            candidates = {spec.name: own, **{n: {**own, **received[n].tensors} for n in names}}
-            if scheme == "validation":
-                scores = evaluate.validation_scores(self.host, candidates, self.data.val)
-                tau = cfg.temperature.validation
-            elif scheme == "predictions":
-                scores = evaluate.predictions_scores(self.host, spec.name, candidates, self.data.val,
-                                                     cfg.predictions_top_k, cfg.predictions_distance)
-                tau = cfg.temperature.predictions
-            else:
-                raise ValueError(f"unknown trust scheme {scheme!r}")
-        return trust.softmax_weights(scores, spec.name, tau, cfg.top_k, cfg.threshold)
+    @contextlib.contextmanager
+    def _pointed_model(self) -> Iterator[nn.Module]:
+        if self.prepared is None:
+            raise RuntimeError("the peer has not started: use it inside `async with Peer(config) as peer:`")
+        # Before round 1 starts (the peer may still be waiting for its neighbours): the initial adapter.
+        live = self._loop.adapter if self._loop is not None else None
+        adapter = live if live is not None else self.prepared.initial_adapter
+        with torch.no_grad(), self.prepared.host.using(adapter) as model:
+            yield model
 
-    def _weight_scores(self, own, received: Mapping[str, wire.UpdateMessage]) -> dict[str, float]:
-        shared = {n: t for n, t in own.items() if is_shared(n)}
-        if self.flexible_rank:
-            # Factors of different ranks live in different bases: compare the full updates s B A.
-            return trust.product_cosine_scores(
-                aggregate.lora_pairs(shared, self.host.scale),
-                {n: aggregate.lora_pairs(m.tensors, self.host.scale) for n, m in received.items()}, self.spec.name)
-        reference = None
-        if self.spec.trust.weights_compare == "update":
-            reference = {n: t for n, t in self.initial_adapter.items() if is_shared(n)}
-        return trust.cosine_scores(shared, {n: m.tensors for n, m in received.items()}, self.spec.name, reference)
+    def _generate(self, prompt: str, max_new_tokens: int, temperature: float, seed: int) -> str:
+        with self._pointed_model() as model:
+            tokenizer = self.prepared.base.tokenizer
+            ids = tokenizer.encode(prompt)
+            start, context = len(ids), self.prepared.base.context
+            generator = torch.Generator().manual_seed(seed)
+            for _ in range(max_new_tokens):
+                logits = model(input_ids=torch.tensor([ids[-context:]])).logits[0, -1]
+                if temperature <= 0:
+                    token = int(logits.argmax())
+                else:
+                    token = int(torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1,
+                                                  generator=generator))
+                ids.append(token)
+        return tokenizer.decode(ids[start:])
 
-    def _aggregate(self, adapter, received: Mapping[str, wire.UpdateMessage], weights: Mapping[str, float]) -> None:
-        own = {name: p.detach() for name, p in adapter.items() if is_shared(name)}
-        states = {self.spec.name: own}
-        states.update({n: received[n].tensors for n in received if weights.get(n, 0.0) > 0})
-        weights = {n: w for n, w in weights.items() if n in states}
-        if self.flexible_rank:
-            merged = aggregate.project_adapter(states, weights, self.spec.name, self.host.scale,
-                                               self.spec.method.aggregation)
-        else:
-            merged = aggregate.weighted_average(states, weights)
-        with torch.no_grad():
-            for name, tensor in merged.items():
-                adapter[name].copy_(tensor)  # in place: the optimizer state stays attached and local
+    # -- events --------------------------------------------------------------------------
 
-    def _test_ppl(self, adapter) -> float:
-        return evaluate.perplexity(self.host, adapter, self.data.test)
+    def _emit(self, event: PeerEvent) -> None:
+        for channel in list(self._subscribers):
+            try:
+                channel.send_nowait(event)
+            except trio.WouldBlock:
+                log.debug("%s: a subscriber is not reading; dropped %s", self.name, type(event).__name__)
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                self._subscribers.remove(channel)
 
-    def _record(self, result: PeerResult, record: RoundRecord) -> None:
-        result.rounds.append(record)
-        if self.hooks.on_round is not None:
-            self.hooks.on_round(self.spec.name, record)
+    def _on_update(self, _peer: str, message: wire.UpdateMessage) -> None:
+        self._emit(UpdateReceived(sender=message.sender, round=message.round))
+
+    def _on_round(self, _peer: str, record: RoundRecord) -> None:
+        if record.trust and not _close(record.trust, self._last_trust):
+            self._last_trust = dict(record.trust)
+            self._emit(TrustChanged(round=record.round, weights=dict(record.trust)))
+        self._emit(RoundFinished(record=record))
+
+
+def _close(a: dict[str, float], b: dict[str, float], tolerance: float = 1e-9) -> bool:
+    return a.keys() == b.keys() and all(math.isclose(a[k], b[k], abs_tol=tolerance) for k in a)

@@ -7,8 +7,8 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-from p2pfed.config import ExperimentConfig, parse_method, to_dict
-from p2pfed.topology import peer_index
+from p2pfed.config import ExperimentConfig, peer_index, to_dict
+from p2pfed.strategies import parse_scheme
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -156,7 +156,7 @@ def _curves(summary, run_dir: Path, plt) -> Path:
 
 def _trust_schemes(summary) -> list[str]:
     return [s for s in summary["schemes"]
-            if parse_method(s).shares_anything and any(summary["schemes"][s]["trust"].values())]
+            if parse_scheme(s).shares_anything and any(summary["schemes"][s]["trust"].values())]
 
 
 def _peer_names(summary) -> list[str]:

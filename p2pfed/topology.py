@@ -8,7 +8,6 @@ and the process-wide `random` state is never touched.
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -16,45 +15,17 @@ from typing import Any, Literal
 
 import networkx as nx
 
-from p2pfed.config import ConfigError, TopologyConfig, from_dict, resolve_topology
+from p2pfed.config import TOPOLOGY_PARAMS, ConfigError, TopologyConfig, from_dict
+from p2pfed.load import resolve_topology
 from p2pfed.seeding import derive_seed
 
 MixingKind = Literal["uniform", "metropolis_hastings"]
 
-RESAMPLE_KEY = "resample_every"
-
-# Generator -> its parameters: name -> (type, required). `resample_every` is accepted by all.
-_PARAMS: dict[str, dict[str, tuple[type, bool]]] = {
-    "ring": {},
-    "complete": {},
-    "star": {},
-    "random_regular": {"d": (int, True)},
-    "erdos_renyi": {"p": (float, True)},
-    "watts_strogatz": {"k": (int, True), "p": (float, True)},
-    "barabasi_albert": {"m": (int, True)},
-    "torus": {"rows": (int, False), "cols": (int, False)},
-    "edge_list": {},
-}
-
-GENERATORS = tuple(_PARAMS)
-
-_PEER_NAME = re.compile(r"peer(0|[1-9][0-9]*)")
+GENERATORS = tuple(TOPOLOGY_PARAMS)
 
 
 class TopologyWarning(UserWarning):
     """The graph is usable but likely not what was meant (for example, it is disconnected)."""
-
-
-def peer_name(index: int) -> str:
-    return f"peer{index}"
-
-
-def peer_index(name: str) -> int:
-    # No leading zeros, so that peer_name(peer_index(name)) == name always holds.
-    match = _PEER_NAME.fullmatch(name) if isinstance(name, str) else None
-    if match is None:
-        raise ConfigError(f"{name!r} is not a peer name (expected peer0, peer1, ...)")
-    return int(match.group(1))
 
 
 # ---------------------------------------------------------------------------
@@ -62,13 +33,13 @@ def peer_index(name: str) -> int:
 
 def build_graph(config: TopologyConfig, num_peers: int, seed: int) -> nx.Graph:
     """The static graph; `resample_every` is checked here but only `graph_at_round` uses it."""
-    params, _ = _checked_params(config)
+    params, _ = config.checked_params()
     return _build(config, params, num_peers, _base_seed(config, seed))
 
 
 def graph_at_round(config: TopologyConfig, num_peers: int, seed: int, round_index: int) -> nx.Graph:
     """The graph in force at `round_index`: redrawn every `resample_every` rounds, else static."""
-    params, resample_every = _checked_params(config)
+    params, resample_every = config.checked_params()
     base = _base_seed(config, seed)
     if resample_every is None:
         return _build(config, params, num_peers, base)
@@ -81,7 +52,7 @@ def graph_at_round(config: TopologyConfig, num_peers: int, seed: int, round_inde
 def load_topology(path: str | Path) -> TopologyConfig:
     """A topologies/*.toml file; a relative edge-list `path` is taken from the file's folder."""
     config = from_dict(TopologyConfig, resolve_topology(str(path), Path.cwd()), "topology")
-    _checked_params(config)  # unknown generators and parameters fail at load time, not mid-run
+    config.checked_params()  # unknown generators and parameters fail at load time, not mid-run
     return config
 
 
@@ -107,45 +78,6 @@ def _build(config: TopologyConfig, params: dict[str, Any], num_peers: int, seed:
             stacklevel=3,
         )
     return graph
-
-
-def _checked_params(config: TopologyConfig) -> tuple[dict[str, Any], int | None]:
-    """The generator's own parameters, type-checked, and `resample_every` split off."""
-    spec = _PARAMS.get(config.generator)
-    if spec is None:
-        raise ConfigError(
-            f"topology.generator: unknown generator {config.generator!r} (known: {', '.join(GENERATORS)})"
-        )
-    params = dict(config.params)
-    resample_every = params.pop(RESAMPLE_KEY, None)
-    if resample_every is not None and not (_is_int(resample_every) and resample_every >= 1):
-        raise ConfigError(f"topology.params.{RESAMPLE_KEY}: must be an integer >= 1, got {resample_every!r}")
-    for key in sorted(params):
-        if key not in spec:
-            known = ", ".join([*spec, RESAMPLE_KEY])
-            raise ConfigError(
-                f"topology.params.{key}: unknown parameter for generator {config.generator!r} (known: {known})"
-            )
-        kind, _ = spec[key]
-        value = params[key]
-        if kind is int and not _is_int(value):
-            raise ConfigError(f"topology.params.{key}: expected an integer, got {value!r}")
-        if kind is float:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(f"topology.params.{key}: expected a number, got {value!r}")
-            params[key] = float(value)
-    for key, (_, required) in spec.items():
-        if required and key not in params:
-            raise ConfigError(f"topology.params.{key}: required by generator {config.generator!r}")
-    if config.generator == "edge_list" and not config.path:
-        raise ConfigError("topology.path: required by generator 'edge_list'")
-    if config.generator != "edge_list" and config.path:
-        raise ConfigError(f"topology.path: only read by generator 'edge_list', not {config.generator!r}")
-    return params, resample_every
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -262,25 +194,18 @@ def neighbours(graph: nx.Graph, node: int) -> list[int]:
     return sorted(graph.neighbors(node))
 
 
-def metropolis_hastings_weight(deg_i: int, deg_j: int) -> float:
-    """Weight of neighbour j at peer i; needs only the two degrees, so a peer can compute it
-    from the degrees its neighbours report, without a global view."""
-    if deg_i < 0 or deg_j < 0:
-        raise ValueError(f"degrees must not be negative, got {deg_i} and {deg_j}")
-    return 1.0 / (1 + max(deg_i, deg_j))
-
-
 def mixing_weights(graph: nx.Graph, node: int, kind: MixingKind) -> dict[int, float]:
-    """Weights over `node` and its neighbours (self included), summing to 1, sorted by node."""
+    """Weights over `node` and its neighbours (self included), summing to 1, sorted by node: the
+    rows trust.uniform_weights and trust.metropolis_hastings_weights give a peer, for the whole graph."""
+    from p2pfed import trust  # torch-heavy, and only graph analyses need it
+
     if node not in graph:
         raise ValueError(f"node {node!r} is not in the graph")
     others = neighbours(graph, node)
     if kind == "uniform":
-        weight = 1.0 / (len(others) + 1)
-        return {j: weight for j in sorted([node, *others])}
-    if kind == "metropolis_hastings":
-        deg_i = graph.degree(node)
-        weights = {j: metropolis_hastings_weight(deg_i, graph.degree(j)) for j in others}
-        weights[node] = 1.0 - sum(weights.values())  # >= 1/(1+deg_i) > 0: each w_ij <= 1/(1+deg_i)
-        return dict(sorted(weights.items()))
-    raise ConfigError(f"mixing weights: unknown kind {kind!r} (known: uniform, metropolis_hastings)")
+        weights = trust.uniform_weights(node, others)
+    elif kind == "metropolis_hastings":
+        weights = trust.metropolis_hastings_weights(node, graph.degree(node), {j: graph.degree(j) for j in others})
+    else:
+        raise ConfigError(f"mixing weights: unknown kind {kind!r} (known: uniform, metropolis_hastings)")
+    return dict(sorted(weights.items()))

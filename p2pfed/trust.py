@@ -2,8 +2,10 @@
 
 Pure functions on plain dicts keyed by peer name, covering the peer itself and its
 neighbours only (a peer never needs a global view). Nothing here runs a model: the
-caller computes losses or predictions and hands the numbers in. Formulas follow
-shared/docs/algorithms.md, section 1.
+caller computes losses or predictions and hands the numbers in. Formulas: docs/algorithms.md.
+
+Scores come from neighbours' updates, so they are untrusted: a non-finite score means no trust
+(weight 0), never an exception.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from p2pfed.aggregate import LoraFactors, check_same_layout
 
 __all__ = [
     "softmax_weights",
+    "sanitized_weights",
     "local_weights",
     "uniform_weights",
     "metropolis_hastings_weights",
@@ -42,8 +45,9 @@ def softmax_weights(
     that every run picks the same ones); the rest get weight 0. `threshold` then drops
     neighbours (never the peer) whose weight is below it, in a single pass, and the
     survivors are renormalised. A score of -inf means "no trust" and gets weight 0; if
-    every kept score is -inf the peer stays local. The result has every key of `scores`
-    (dropped ones 0.0) and sums to 1.
+    every kept score is -inf the peer stays local. NaN and +inf (what an extreme neighbour
+    can provoke) count as -inf; a non-finite score of the peer itself keeps it local. The
+    result has every key of `scores` (dropped ones 0.0) and sums to 1.
     """
     if self_name not in scores:
         raise ValueError(f"scores must include the peer itself ({self_name!r})")
@@ -53,9 +57,9 @@ def softmax_weights(
         raise ValueError(f"top_k must not be negative, got {top_k}")
     if threshold is not None and math.isnan(threshold):
         raise ValueError("threshold must not be NaN")
-    for name, score in scores.items():
-        if math.isnan(score) or score == math.inf:
-            raise ValueError(f"score of {name!r} is {score}; expected a finite number or -inf")
+    if not math.isfinite(scores[self_name]):
+        return local_weights(self_name, (n for n in scores if n != self_name))
+    scores = {n: s if math.isfinite(s) else -math.inf for n, s in scores.items()}
 
     kept = set(scores)
     if top_k > 0:
@@ -78,6 +82,19 @@ def softmax_weights(
     return weights
 
 
+def sanitized_weights(weights: Mapping[str, float], self_name: str) -> dict[str, float]:
+    """`weights` as a probability vector: non-finite or negative entries become 0, then renormalised;
+    with nothing left, the peer stays local."""
+    if self_name not in weights:
+        raise ValueError(f"weights must include the peer itself ({self_name!r})")
+    clean = {n: w if math.isfinite(w) and w > 0 else 0.0 for n, w in weights.items()}
+    if sum(clean.values()) <= 0 or not math.isfinite(sum(clean.values())):
+        return local_weights(self_name, (n for n in weights if n != self_name))
+    if all(clean[n] == weights[n] for n in weights) and abs(sum(clean.values()) - 1.0) <= 1e-9:
+        return dict(weights)  # already a probability vector: keep it bit for bit
+    return _normalise(clean)
+
+
 def local_weights(self_name: str, neighbours: Iterable[str]) -> dict[str, float]:
     """No aggregation: the peer keeps its own adapter (weight 1), neighbours get 0."""
     names = _neighbourhood(self_name, neighbours)
@@ -90,9 +107,17 @@ def uniform_weights(self_name: str, neighbours: Iterable[str]) -> dict[str, floa
     return {n: 1.0 / len(names) for n in names}
 
 
-def data_size_weights(self_name: str, own_samples: int, neighbour_samples: Mapping[str, int]) -> dict[str, float]:
-    """FedAvg's classic weights: proportional to each peer's training tokens (neighbours report theirs)."""
-    sizes = {self_name: own_samples, **neighbour_samples}
+# A neighbour's self-reported data size counts at most this many times the peer's own: a liar cannot
+# take the whole weight by claiming 2**63 tokens, while honest sizes within 10x of each other stay exact.
+MAX_DATA_SIZE_RATIO = 10.0
+
+
+def data_size_weights(self_name: str, own_samples: int, neighbour_samples: Mapping[str, int],
+                      max_ratio: float = MAX_DATA_SIZE_RATIO) -> dict[str, float]:
+    """FedAvg's classic weights: proportional to each peer's training tokens (neighbours report theirs,
+    clipped to [0, max_ratio x the peer's own])."""
+    cap = max_ratio * max(own_samples, 1)
+    sizes = {self_name: own_samples, **{n: min(max(s, 0), cap) for n, s in neighbour_samples.items()}}
     total = sum(sizes.values())
     if total <= 0:
         return uniform_weights(self_name, neighbour_samples)

@@ -7,8 +7,8 @@ import torch
 import trio
 import trio.testing
 
-from p2pfed.config import load_experiment
-from p2pfed.swarm import open_workspace
+from p2pfed.load import load_experiment
+from p2pfed.job import open_workspace
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -3,11 +3,11 @@ import math
 import pytest
 import torch
 
+from p2pfed.config import lora_scale
 from p2pfed.aggregate import (
     LoraFactors,
     dense_project,
     flexlora_project,
-    lora_scale,
     weighted_average,
     zero_padded_average,
 )

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from p2pfed.cli import main
+from p2pfed.strategies import parse_scheme
 
 
 def test_run_writes_results_and_plots_then_report_redraws(tmp_path, capsys):
@@ -47,10 +48,10 @@ def test_config_errors_exit_2_with_the_key(tmp_path, capsys):
 
 
 def test_the_peer_example_loads_and_id_prints_a_stable_peer_id(tmp_path, capsys):
-    from p2pfed.config import load_peer
+    from p2pfed.load import load_peer
 
     example = load_peer("examples/peer.toml")
-    assert example.method.trust == "validation" and example.profile.name == "medium" and example.neighbours
+    assert parse_scheme(example.scheme).trust == "validation" and example.profile.name == "medium" and example.neighbours
     key_file = tmp_path / "peer.key"
     assert main(["id", "examples/peer.toml", "--set", f'key_file="{key_file}"']) == 0
     first = capsys.readouterr().out.strip()

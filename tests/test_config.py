@@ -1,6 +1,8 @@
 import pytest
 
-from p2pfed.config import ConfigError, ExperimentConfig, Method, load_experiment, parse_method, parse_override
+from p2pfed.config import ConfigError, ExperimentConfig
+from p2pfed.load import load_experiment, parse_override
+from p2pfed.strategies import Scheme, parse_scheme
 
 
 def test_defaults_validate():
@@ -76,13 +78,13 @@ def test_missing_and_invalid_files(tmp_path):
 
 
 def test_methods_parse_into_trust_aggregation_and_experts():
-    assert parse_method("fedavg") == Method("fedavg", trust="fedavg")
-    assert parse_method("flexlora") == Method("flexlora", trust="fedavg", aggregation="flexlora")
-    assert parse_method("zero-padded:validation").aggregation == "zero_padded"
-    comigs = parse_method("comigs-1g1s:predictions")
+    assert parse_scheme("fedavg") == Scheme("fedavg", trust="fedavg")
+    assert parse_scheme("flexlora") == Scheme("flexlora", trust="fedavg", aggregator="flexlora")
+    assert parse_scheme("zero-padded:validation").aggregator == "zero-padded"
+    comigs = parse_scheme("comigs-1g1s:predictions")
     assert (comigs.trust, comigs.generalists, comigs.specialists) == ("predictions", 1, 1)
-    assert not parse_method("comigs-2s").shares_anything  # nothing shared: it never sends
-    assert parse_method("comigs-2g").shares_anything
+    assert not parse_scheme("comigs-2s").shares_anything  # nothing shared: it never sends
+    assert parse_scheme("comigs-2g").shares_anything
 
 
 def test_mixed_ranks_refuse_expert_methods_and_plain_averaging_but_not_flexlora():

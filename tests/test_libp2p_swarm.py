@@ -14,10 +14,11 @@ import pytest
 import trio
 
 from p2pfed.checkpoint import load_checkpoint
-from p2pfed.config import load_peer
+from p2pfed.load import load_peer
 from p2pfed.launch import free_ports, loopback_addr, peer_configs, run_job_libp2p, write_peer_toml
-from p2pfed.node import RESULT_FILE, Peer, RoundFinished, TrustChanged, UpdateReceived
-from p2pfed.swarm import job_setup, run_job
+from p2pfed.job import job_setup
+from p2pfed.peer import RESULT_FILE, Peer, RoundFinished, TrustChanged, UpdateReceived
+from p2pfed.swarm import run_job
 from tests.conftest import small_config
 
 pytestmark = pytest.mark.slow

@@ -10,12 +10,14 @@ import torch
 
 from p2pfed import aggregate, trust
 from p2pfed.net import wire
-from p2pfed.config import NetworkConfig, parse_method
+from p2pfed.config import NetworkConfig
+from p2pfed.strategies import parse_scheme
 from p2pfed.data import make_peer_data
 from p2pfed.experts import is_shared
 from p2pfed.model import AdapterLayout
-from p2pfed.peer import PeerLoop, PeerSpec
-from p2pfed.swarm import job_setup, peer_specs, run_job
+from p2pfed.job import job_setup, peer_specs
+from p2pfed.loop import PeerLoop, PeerSpec
+from p2pfed.swarm import run_job
 from p2pfed.net.memory import InMemoryNetwork
 from tests.conftest import run_peer_fed_by, small_config
 
@@ -171,7 +173,7 @@ def test_a_neighbour_whose_factors_disagree_in_rank_is_dropped(workspace, caplog
     layout = AdapterLayout(rank=4)
     initial = host.initial_adapter(0, layout)
     network = InMemoryNetwork(NetworkConfig(), seed=0)
-    spec = PeerSpec(name="peer0", neighbours=("peer1",), method=parse_method("flexlora"), layout=layout, seed=0,
+    spec = PeerSpec(name="peer0", neighbours=("peer1",), scheme=parse_scheme("flexlora"), layout=layout, seed=0,
                     training=config.training, trust=config.trust)
     peer = PeerLoop(spec, host, data, network.endpoint("peer0"), initial)
     neighbour = network.endpoint("peer1")
@@ -186,7 +188,7 @@ def test_a_neighbour_whose_factors_disagree_in_rank_is_dropped(workspace, caplog
         await neighbour.send("peer0", message(skewed))
         await neighbour.send("peer0", message(good))  # rank 2 to a rank-4 peer: fine under FlexLoRA
 
-    with caplog.at_level(logging.WARNING, logger="p2pfed.peer"):
+    with caplog.at_level(logging.WARNING, logger="p2pfed.loop"):
         result = run_peer_fed_by(network, peer, feed)
     assert "dropped a bad update from peer1" in caplog.text and "expected A" in caplog.text
     assert result.rounds[1].trust == {"peer0": 0.5, "peer1": 0.5}

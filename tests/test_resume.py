@@ -7,9 +7,10 @@ import trio
 import trio.testing
 
 from p2pfed.checkpoint import CheckpointError, load_checkpoint
-from p2pfed.config import NetworkConfig, parse_method
+from p2pfed.config import NetworkConfig
+from p2pfed.strategies import parse_scheme
 from p2pfed.data import make_peer_data
-from p2pfed.peer import PeerLoop, PeerSpec
+from p2pfed.loop import PeerLoop, PeerSpec
 from p2pfed.swarm import run_job
 from p2pfed.net.memory import InMemoryNetwork
 from tests.conftest import small_config
@@ -36,7 +37,7 @@ def test_a_peer_stopped_mid_round_keeps_its_last_complete_checkpoint(workspace, 
     config = small_config("training.rounds=5", "training.local_steps=1", "network.round_timeout_s=10")
     host = workspace.host
     data = make_peer_data(workspace.tokens, 4, config.data, seed=0)[0]
-    spec = PeerSpec(name="peer0", neighbours=("peer1",), method=parse_method("fedavg"), layout=host.layout(),
+    spec = PeerSpec(name="peer0", neighbours=("peer1",), scheme=parse_scheme("fedavg"), layout=host.layout(),
                     seed=0, training=config.training, trust=config.trust, network=config.network,
                     state_dir=str(tmp_path), checkpoint_every=2)
 

@@ -8,17 +8,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pfed.config import ConfigError, TopologyConfig
+from p2pfed.config import ConfigError, TopologyConfig, peer_index, peer_name
+from p2pfed.trust import metropolis_hastings_weights
 from p2pfed.topology import (
     TopologyWarning,
     build_graph,
     graph_at_round,
     load_topology,
-    metropolis_hastings_weight,
     mixing_weights,
     neighbours,
-    peer_index,
-    peer_name,
 )
 
 TOPOLOGIES = Path(__file__).resolve().parents[1] / "topologies"
@@ -273,10 +271,11 @@ def test_metropolis_hastings_on_a_star():
 
 
 def test_metropolis_hastings_weight_formula():
-    assert metropolis_hastings_weight(1, 2) == pytest.approx(1 / 3)
-    assert metropolis_hastings_weight(5, 2) == metropolis_hastings_weight(2, 5) == pytest.approx(1 / 6)
+    assert metropolis_hastings_weights("i", 1, {"j": 2})["j"] == pytest.approx(1 / 3)
+    assert metropolis_hastings_weights("i", 5, {"j": 2})["j"] == pytest.approx(1 / 6)
+    assert metropolis_hastings_weights("i", 2, {"j": 5})["j"] == pytest.approx(1 / 6)
     with pytest.raises(ValueError):
-        metropolis_hastings_weight(-1, 2)
+        metropolis_hastings_weights("i", 2, {"j": 0})
 
 
 def test_uniform_weights():

@@ -11,6 +11,7 @@ from p2pfed.trust import (
     metropolis_hastings_weights,
     oracle_weights,
     predictions_distance,
+    sanitized_weights,
     softmax_weights,
     uniform_weights,
 )
@@ -97,13 +98,44 @@ def test_threshold_dropping_everyone_when_self_weight_underflows_stays_local():
         dict(scores={"a": 0.0}, self_name="zz", temperature=1.0),
         dict(scores={"a": 0.0}, self_name="a", temperature=0.0),
         dict(scores={"a": 0.0}, self_name="a", temperature=1.0, top_k=-1),
-        dict(scores={"a": 0.0, "b": math.nan}, self_name="a", temperature=1.0),
-        dict(scores={"a": 0.0, "b": math.inf}, self_name="a", temperature=1.0),
     ],
 )
 def test_softmax_rejects_bad_input(kwargs):
     with pytest.raises(ValueError):
         softmax_weights(**kwargs)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_a_non_finite_neighbour_score_means_no_trust_not_an_error(bad):
+    weights = softmax_weights({"a": -1.0, "b": bad, "c": -1.0}, "a", 0.1)
+    assert weights["b"] == 0.0 and weights["a"] == pytest.approx(0.5) and weights["c"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_a_non_finite_own_score_keeps_the_peer_local(bad):
+    assert softmax_weights({"a": bad, "b": 0.0}, "a", 0.1) == {"a": 1.0, "b": 0.0}
+
+
+@given(st.dictionaries(st.sampled_from(["b", "c", "d", "e"]),
+                       st.floats(allow_nan=True, allow_infinity=True), max_size=4),
+       st.floats(allow_nan=True, allow_infinity=True),
+       st.floats(min_value=1e-6, max_value=1e3), st.integers(0, 3))
+@settings(max_examples=300, deadline=None, derandomize=True)
+def test_trust_is_a_finite_probability_vector_for_any_scores(others, own, temperature, top_k):
+    weights = softmax_weights({"a": own, **others}, "a", temperature, top_k)
+    assert set(weights) == {"a", *others}
+    assert all(math.isfinite(w) and w >= 0 for w in weights.values())
+    assert sum(weights.values()) == pytest.approx(1.0)
+
+
+@given(st.dictionaries(st.sampled_from(["a", "b", "c"]), st.floats(allow_nan=True, allow_infinity=True),
+                       min_size=1).filter(lambda d: "a" in d))
+@settings(max_examples=200, deadline=None, derandomize=True)
+def test_sanitized_weights_are_a_probability_vector(weights):
+    clean = sanitized_weights(weights, "a")
+    assert all(math.isfinite(w) and w >= 0 for w in clean.values())
+    assert sum(clean.values()) == pytest.approx(1.0)
+
 
 
 @settings(max_examples=60, deadline=None)
@@ -118,6 +150,7 @@ def test_softmax_rejects_bad_input(kwargs):
     top_k=st.integers(min_value=0, max_value=6),
     threshold=st.one_of(st.none(), st.floats(min_value=0.0, max_value=1.0)),
 )
+
 def test_softmax_is_a_probability_vector(scores, temperature, top_k, threshold):
     self_name = sorted(scores)[0]
     w = softmax_weights(scores, self_name, temperature, top_k=top_k, threshold=threshold)

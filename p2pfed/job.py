@@ -1,0 +1,123 @@
+"""A job's set-up, shared by every runtime: the workspace, the graph and data split, each peer's spec.
+
+A job is one (scheme, seed) pair of an experiment. Every job of a seed sees the same data split, the same
+graph and the same shared adapter init, so schemes differ only in how peers trust and aggregate. The
+in-process swarm, the networked peer and the process launcher all build their peers here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import networkx as nx
+import torch
+
+from p2pfed.config import ExperimentConfig, PeerProfile, peer_name
+from p2pfed.data import PeerData, load_group_texts, make_peer_data, tokenize_groups
+from p2pfed.loop import PeerSpec
+from p2pfed.model import AdapterHost, AdapterLayout, BaseModel, attach_adapters, load_base_model
+from p2pfed.records import PeerResult
+from p2pfed.seeding import derive_seed
+from p2pfed.strategies import Scheme, parse_scheme
+from p2pfed.topology import build_graph, neighbours
+
+
+@dataclass
+class Workspace:
+    """What all jobs of an experiment in one process share: the frozen model and the tokenized corpus.
+
+    Hosts (the base with plain LoRA, or with expert layers) are built on first use; they share the
+    base model's frozen weights.
+    """
+
+    config: ExperimentConfig
+    base: BaseModel
+    tokens: dict
+    _hosts: dict[bool, AdapterHost] = field(default_factory=dict)
+
+    @property
+    def host(self) -> AdapterHost:
+        """The plain-LoRA host."""
+        return self._host(expert_layers=False)
+
+    def host_for(self, scheme: Scheme) -> AdapterHost:
+        """The host a scheme's peers run on: expert layers for the comigs schemes, plain LoRA otherwise."""
+        return self._host(scheme.has_experts)
+
+    def _host(self, expert_layers: bool) -> AdapterHost:
+        if expert_layers not in self._hosts:
+            experts = self.config.experts if expert_layers else None
+            self._hosts[expert_layers] = attach_adapters(self.base, self.config.lora, experts)
+        return self._hosts[expert_layers]
+
+
+def open_workspace(config: ExperimentConfig, log=print) -> Workspace:
+    base = load_base_model(config.model, log=log)
+    texts = load_group_texts(config.data.source, config.data.groups)
+    return Workspace(config=config, base=base, tokens=tokenize_groups(texts, base.tokenizer.encode))
+
+
+@dataclass(frozen=True)
+class JobResult:
+    scheme: str
+    seed: int
+    peers: dict[str, PeerResult]
+    graph_edges: list[tuple[str, str]]
+    groups: dict[str, str]  # each peer's dominant data group, for plots and the oracle row
+    profiles: dict[str, str]  # each peer's profile name
+
+    @classmethod
+    def of(cls, config: ExperimentConfig, scheme: str, seed: int, graph: nx.Graph, data: list[PeerData],
+           peers: Mapping[str, PeerResult]) -> "JobResult":
+        return cls(
+            scheme=scheme, seed=seed, peers={peer_name(i): peers[peer_name(i)] for i in range(config.num_peers)},
+            graph_edges=[(peer_name(u), peer_name(v)) for u, v in graph.edges()],
+            groups={d.name: d.group for d in data},
+            profiles={peer_name(i): config.profile_of(i).name for i in range(config.num_peers)},
+        )
+
+
+def job_setup(config: ExperimentConfig, workspace: Workspace, seed: int) -> tuple[nx.Graph, list[PeerData]]:
+    graph = build_graph(config.topology, config.num_peers, seed)
+    data = make_peer_data(workspace.tokens, config.num_peers, config.data, seed)
+    return graph, data
+
+
+def layout_for(scheme: Scheme, profile: PeerProfile, default_rank: int) -> AdapterLayout:
+    """A peer's adapter under `scheme`: its profile's rank and, for comigs schemes, its specialists."""
+    specialists = scheme.specialists
+    if specialists and profile.specialists is not None:
+        specialists = profile.specialists
+    return AdapterLayout(profile.rank or default_rank, scheme.generalists, specialists)
+
+
+def peer_spec(config: ExperimentConfig, index: int, neighbour_names: tuple[str, ...], scheme: str, seed: int,
+              state_dir: str | None = None, checkpoint_every: int = 1,
+              oracle_mixtures: Mapping[str, Mapping[str, float]] | None = None) -> PeerSpec:
+    """The spec of peer `index` of a job: the one place a peer's settings are put together."""
+    parsed = parse_scheme(scheme)
+    return PeerSpec(
+        name=peer_name(index), neighbours=neighbour_names, scheme=parsed,
+        layout=layout_for(parsed, config.profile_of(index), config.lora.rank), experts=config.experts,
+        seed=seed, training=config.training, trust=config.trust, network=config.network,
+        oracle_mixtures=oracle_mixtures if parsed.trust == "oracle" else None,
+        state_dir=state_dir, checkpoint_every=checkpoint_every,
+    )
+
+
+def peer_specs(config: ExperimentConfig, graph: nx.Graph, data: list[PeerData], scheme: str,
+               seed: int, state_root: Path | None = None) -> list[PeerSpec]:
+    """Each peer's spec; with `state_root`, peer i checkpoints to (and resumes from) state_root/peer<i>."""
+    mixtures = {d.name: d.mixture for d in data}
+    return [peer_spec(config, i, tuple(peer_name(j) for j in neighbours(graph, i)), scheme, seed,
+                      state_dir=str(state_root / peer_name(i)) if state_root is not None else None,
+                      oracle_mixtures=mixtures)
+            for i in range(config.num_peers)]
+
+
+def initial_adapter(host: AdapterHost, spec: PeerSpec) -> dict[str, torch.Tensor]:
+    """The adapter a peer starts from. Peers of one layout start from the same seeded adapter, and the
+    seed does not depend on the scheme."""
+    return host.initial_adapter(derive_seed(spec.seed, "shared-init"), spec.layout)

@@ -1,0 +1,48 @@
+"""What a peer's rounds leave behind: one RoundRecord per round, a PeerResult per peer (JSON both ways)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    round: int  # 0 is before any training
+    steps: int
+    train_loss: float | None
+    test_ppl: float | None
+    trust: dict[str, float]  # this round's weights over self and neighbours ({} when it did not aggregate)
+    missing: tuple[str, ...]  # neighbours whose update did not arrive by the deadline
+    bytes_sent: int
+    online: bool = True
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RoundRecord":
+        """From `dataclasses.asdict` output read back from JSON (lists back to tuples)."""
+        return cls(**{**data, "missing": tuple(data["missing"])})
+
+
+@dataclass
+class PeerResult:
+    name: str
+    rounds: list[RoundRecord] = field(default_factory=list)
+
+    @property
+    def final_test_ppl(self) -> float:
+        return next(r.test_ppl for r in reversed(self.rounds) if r.test_ppl is not None)
+
+    @property
+    def final_trust(self) -> dict[str, float]:
+        return next((r.trust for r in reversed(self.rounds) if r.trust), {})
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.rounds[-1].bytes_sent if self.rounds else 0
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "rounds": [dataclasses.asdict(r) for r in self.rounds]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "PeerResult":
+        return cls(name=data["name"], rounds=[RoundRecord.from_dict(r) for r in data["rounds"]])
