@@ -54,6 +54,11 @@ BENCHMARKS: list[tuple[str, Callable, list[Check]]] = [
         ("wire overhead %, tiny LoRA r8, fp32", "tiny.fp32_overhead_pct", None, "(info)"),
         ("wire overhead %, tiny LoRA r8, bf16", "tiny.bf16_overhead_pct", None, "(info)"),
     ]),
+    # A decoder exception other than WireError is a bug, not noise: strict makes it a failed run.
+    ("fuzz_wire", lambda m: m.main(strict=True), [
+        ("fuzz: inputs generated + decoded per s", "per_second", None, "(info)"),
+        ("fuzz: other exceptions, 100k inputs", "other", lambda n: n == 0, "== 0"),
+    ]),
     ("libp2p_swarm_round", lambda m: m.main(), [
         ("4-process libp2p / in-process round time", "ratio_libp2p_over_inprocess", None, "(info)"),
     ]),
