@@ -184,10 +184,11 @@ def _decode(
     return UpdateMessage(sender=sender, round=round_index, tensors=tensors, degree=degree, num_samples=num_samples)
 
 
-# Pre-scan of the msgpack bytes. msgpack has no depth limit of its own: the C unpacker stops at
-# its fixed stack of 1024 levels (StackError), the pure-Python fallback (MSGPACK_PUREPYTHON)
-# recurses until RecursionError, and both hand back objects nested deep enough to break any
-# recursive code after them. So the structure is walked first, without recursion or allocating
+# Pre-scan of the msgpack bytes. msgpack has no depth option: the C unpacker stops at its fixed
+# stack of 1024 levels, the pure-Python fallback (MSGPACK_PUREPYTHON=1) at Python's recursion
+# limit (fewer levels the deeper its caller), both with StackError, and below that they hand back
+# objects nested deep enough to break recursive code after them (repr() of a 1,000-deep shape
+# raised RecursionError). So the structure is walked first, without recursion or allocating
 # anything: one step per object, str and bin payloads skipped by their declared length.
 _SCALAR, _STR, _BIN, _ARRAY, _MAP, _REFUSED = range(6)
 
