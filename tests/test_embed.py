@@ -168,6 +168,21 @@ def one_peer(tmp_path: Path, *overrides: str):
                                    "data.val_blocks=2", "data.test_blocks=2", f'state_dir="{tmp_path}"', *overrides])
 
 
+def test_the_model_is_lent_for_a_short_read_and_a_call_that_times_out_is_called_off(tmp_path):
+    import torch
+
+    with p2pfed.start_peer(one_peer(tmp_path)) as peer:
+        result = peer.wait(timeout=60)
+        assert list(peer.events()) == []  # a stream opened after the rounds ends at once
+        with peer.personalized_model(timeout=30) as model:
+            assert isinstance(model, torch.nn.Module) and not torch.is_grad_enabled()
+            with pytest.raises(TimeoutError):  # the model is lent out: generation waits for it
+                peer.generate(PROMPT, max_new_tokens=2, timeout=0.5)
+        # The timed-out call gave up its turn on the peer's side: the model is free again.
+        assert peer.generate(PROMPT, max_new_tokens=2, timeout=30)
+    assert peer.latest_round == result.rounds[-1] and not peer.thread.is_alive()
+
+
 def test_a_peer_that_cannot_start_raises_from_enter_in_sync_and_asyncio_code(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
