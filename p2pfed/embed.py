@@ -1,14 +1,11 @@
 """A peer in any Python application: the trio-native Peer, run in a background thread of the app's process.
 
-    with p2pfed.start_peer("peer.toml") as peer:      # plain code: scripts, notebooks, threads
+    with p2pfed.start_peer("peer.toml") as peer:        # plain code: scripts, notebooks, threads
         text = peer.generate("Hello, how are")
-        for event in peer.events(): ...               # ends when the rounds end
         result = peer.wait()
-
     async with p2pfed.start_peer("peer.toml") as peer:  # asyncio: nothing here blocks the app's loop
         text = await peer.agenerate("Hello, how are")
-        async for event in peer.events(): ...
-        result = await peer.finished()
+        async for event in peer.events(): ...           # or `for` in plain code; ends with the rounds
 
 The handle adds no peer logic: every call runs the Peer's own coroutine on the peer's trio loop. Errors in the
 peer's thread reach the app: a failed start from `__enter__` (or the first call), a failure of the rounds from
@@ -89,7 +86,7 @@ class BackgroundPeer:
         self._thread: threading.Thread | None = None
         self._ready: Future[_Running] = Future()  # or what stopped the start
         self._outcome: Future[Any] = Future()  # the PeerResult, or what stopped the rounds
-        self._lock = threading.Lock()  # guards _running, _stop_requested and _streams
+        self._lock = threading.Lock()  # guards _thread, _running, _stop_requested and _streams
         self._running: _Running | None = None
         self._stop_requested = False
         self._streams: set[EventStream] = set()
@@ -100,11 +97,12 @@ class BackgroundPeer:
 
     def start(self) -> BackgroundPeer:
         """Start the peer's thread and return at once (loading the model goes on in the background)."""
-        if self._thread is None:
-            # A daemon thread: a handle the app forgets to stop must not keep the process alive at exit; a
-            # checkpoint is committed atomically, so exiting mid-write loses at most the current round.
-            self._thread = threading.Thread(target=self._thread_main, name=f"p2pfed-{self.config.name}", daemon=True)
-            self._thread.start()
+        with self._lock:  # app threads may race to the first call, which starts a handle not yet started
+            if self._thread is None:
+                # A daemon thread: a handle the app forgets to stop must not keep the process alive at exit;
+                # a checkpoint is committed atomically, so exiting mid-write loses at most the current round.
+                self._thread = threading.Thread(target=self._thread_main, name=f"p2pfed-{self.name}", daemon=True)
+                self._thread.start()
         return self
 
     def stop(self, timeout: float | None = None) -> None:
