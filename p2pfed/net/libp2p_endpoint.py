@@ -15,9 +15,9 @@ stream costs 8-16 ms; a kept one also keeps the Yamux window it has grown), one 
 (`p2pfed.net.framing`), and the receiver (`p2pfed.net.inbound`) answers each with a 1-byte ack once the body
 is in its inbox; what one neighbour may have buffered there is bounded in bytes. Any failure on a stream
 (a timeout, a reset, a bad frame) resets it, so a stream never carries on half-way through a frame; the
-next send opens a new one. A kept stream found dead before a frame went out
-whole (the neighbour restarted, or reset it) is replaced and the frame sent again: the receiver delivers
-whole frames only, so this cannot duplicate one. A send that fails (the neighbour is gone, refuses, or is
+next send opens a new one. A kept stream found dead before a frame went out whole (the neighbour
+restarted, or reset it) is replaced and the frame sent again: the receiver delivers whole frames only,
+so this cannot duplicate one. A send that fails (the neighbour is gone, refuses, or is
 too slow) is logged and counted, never raised into the peer's loop.
 
 Hosts offer Noise only and Yamux only, through `p2pfed.net.fastpath`, which also moves bulk data
