@@ -60,10 +60,8 @@ class _Running:
 
 
 def start_peer(config: PeerConfig | str | os.PathLike | None, overrides: Sequence[str] = ()) -> BackgroundPeer:
-    """Start a peer in a background thread; a bad config raises here, a failed start from `with` or the first call.
-
-    `config`: a PeerConfig, or a peer TOML file (None: defaults) with `overrides` (`KEY=VALUE`, as `--set`).
-    """
+    """Start a peer in a background thread, from a PeerConfig or a peer file (None: defaults) with `overrides`
+    (`KEY=VALUE`, as `--set`). A bad config raises here; a failed start from `with` or from the first call."""
     if not isinstance(config, p2pfed.PeerConfig):
         config = p2pfed.load_peer(config, list(overrides))
     elif overrides:
@@ -123,7 +121,11 @@ class BackgroundPeer:
         return await asyncio.shield(asyncio.wrap_future(self._outcome))
 
     def __enter__(self) -> BackgroundPeer:
-        self._started()
+        try:
+            self._started()
+        except BaseException:  # e.g. Ctrl-C while the model loads: the peer must not live on unseen
+            self._request_stop()
+            raise
         return self
 
     def __exit__(self, _type, error, _traceback) -> None:
