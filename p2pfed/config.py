@@ -200,6 +200,9 @@ class TrustConfig:
     # as the peer's own, else it is dropped: a scaled or extreme update never reaches the aggregate.
     # 0 turns the check off.
     max_norm_ratio: float = 10.0
+    # The robust baselines (schemes "median", "trimmed-mean", "krum"), which ignore trust:
+    trim_fraction: float = 0.2  # trimmed-mean drops this share of the values at each end, per coordinate
+    krum_byzantine: int = 1  # Krum's f: attackers assumed among a peer's neighbours
     predictions_top_k: int = 32  # next-token distributions are compared on their top-k tokens
     predictions_distance: Literal["kl", "l1"] = "kl"
 
@@ -217,6 +220,27 @@ class NetworkConfig:
     round_timeout_s: float = 30.0
     encoding: Literal["fp32", "fp16", "bf16"] = "fp32"
     max_message_bytes: int = 256 * 1024 * 1024
+
+
+ATTACK_KINDS = ("noise", "sign_flip", "scale", "huge", "other_group", "free_rider", "stale", "metadata", "garbage")
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """Peers that attack their neighbours (p2pfed.attacks): `[[attack]]` tables of an experiment."""
+
+    peers: tuple[str, ...] = ()
+    kind: Literal["noise", "sign_flip", "scale", "huge", "other_group", "free_rider", "stale", "metadata",
+                  "garbage"] = "scale"
+    factor: float = 100.0  # scale: the multiplier; noise: the noise's length over the honest update's
+    from_round: int = 1
+
+    def validate(self, num_peers: int, where: str) -> None:
+        _check(len(self.peers) >= 1, f"{where}.peers", "names no peer")
+        for name in self.peers:
+            _check(peer_index(name) < num_peers, f"{where}.peers", f"{name} is not one of peer0..peer{num_peers - 1}")
+        _check(math.isfinite(self.factor) and self.factor > 0, f"{where}.factor", "must be a positive number")
+        _check(self.from_round >= 1, f"{where}.from_round", "must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -250,6 +274,9 @@ class ExperimentConfig(Sections):
     # Peer i gets profiles[i % len(profiles)]; empty: every peer takes the experiment's values.
     profiles: tuple[PeerProfile, ...] = ()
     topology: TopologyConfig = field(default_factory=TopologyConfig)
+    attack: tuple[AttackConfig, ...] = ()  # `[[attack]]` tables: hostile peers, for robustness studies
+    # With attacks: also run every job without them and report the honest peers' clean perplexity.
+    compare_clean: bool = False
 
     def validate(self) -> "ExperimentConfig":
         _check(self.num_peers >= 1, "num_peers", "must be at least 1")
@@ -271,6 +298,10 @@ class ExperimentConfig(Sections):
         _check(e.router_lr > 0, "experts.router_lr", "must be positive")
         _check(e.load_balancing >= 0, "experts.load_balancing", "must not be negative")
         self.topology.checked_params()
+        for i, attack in enumerate(self.attack):
+            attack.validate(self.num_peers, f"attack[{i}]")
+        attackers = [name for attack in self.attack for name in attack.peers]
+        _check(len(set(attackers)) == len(attackers), "attack", "lists a peer in two attacks")
         _check(len(self.data.groups) >= 1, "data.groups", "needs at least one group")
         _check(0.0 < self.data.own_fraction <= 1.0, "data.own_fraction", "must be in (0, 1]")
         _check(self.data.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be positive")
@@ -290,6 +321,8 @@ class ExperimentConfig(Sections):
         _check(self.trust.top_k >= 0, "trust.top_k", "must not be negative")
         _check(self.trust.predictions_top_k >= 1, "trust.predictions_top_k", "must be at least 1")
         _check(self.trust.max_norm_ratio >= 0, "trust.max_norm_ratio", "must not be negative (0 turns it off)")
+        _check(0 <= self.trust.trim_fraction < 0.5, "trust.trim_fraction", "must be in [0, 0.5)")
+        _check(self.trust.krum_byzantine >= 0, "trust.krum_byzantine", "must not be negative")
         n = self.network
         for name in ("drop_prob", "delay_prob", "churn_prob"):
             _check(0.0 <= getattr(n, name) < 1.0, f"network.{name}", "must be in [0, 1)")
@@ -335,11 +368,13 @@ class PeerConfig(Sections):
     state_dir: str = ""  # checkpoints and results; empty: none (nothing survives a restart)
     checkpoint_every: int = 1
     threads: int = 1  # torch threads; 0 leaves torch's default
+    attack: AttackConfig | None = None  # this peer attacks its neighbours (robustness studies only)
 
     def as_experiment(self) -> ExperimentConfig:
         """The experiment this peer is one of: checks every shared section the same way."""
         return ExperimentConfig(num_peers=self.num_peers, seeds=(self.seed,), schemes=(self.scheme,),
-                                profiles=(self.profile,), **self.sections())
+                                profiles=(self.profile,), attack=(self.attack,) if self.attack else (),
+                                **self.sections())
 
     def validate(self) -> "PeerConfig":
         self.as_experiment().validate()
@@ -347,6 +382,8 @@ class PeerConfig(Sections):
         _check(self.checkpoint_every >= 1, "checkpoint_every", "must be at least 1")
         _check(self.startup_timeout_s >= 0, "startup_timeout_s", "must not be negative")
         _check(self.threads >= 0, "threads", "must not be negative")
+        if self.attack is not None:
+            self.attack.validate(self.num_peers, "attack")
         names = [n.name for n in self.neighbours]
         _check(len(set(names)) == len(names), "neighbours", "lists a neighbour twice")
         _check(self.name not in names, "neighbours", "lists the peer itself")

@@ -7,6 +7,7 @@ in-process swarm, the networked peer and the process launcher all build their pe
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,9 +15,12 @@ from pathlib import Path
 import networkx as nx
 import torch
 
-from p2pfed.config import ExperimentConfig, PeerProfile, peer_name
+from p2pfed.attacks import AttackEndpoint, attack_of
+from p2pfed.config import AttackConfig, ConfigError, ExperimentConfig, PeerProfile, peer_index, peer_name
 from p2pfed.data import PeerData, load_group_texts, make_peer_data, tokenize_groups
+from p2pfed.experts import is_shared
 from p2pfed.loop import PeerSpec
+from p2pfed.net.transport import Endpoint
 from p2pfed.model import AdapterHost, AdapterLayout, BaseModel, attach_adapters, load_base_model
 from p2pfed.records import PeerResult
 from p2pfed.seeding import derive_seed
@@ -81,8 +85,34 @@ class JobResult:
 
 def job_setup(config: ExperimentConfig, workspace: Workspace, seed: int) -> tuple[nx.Graph, list[PeerData]]:
     graph = build_graph(config.topology, config.num_peers, seed)
-    data = make_peer_data(workspace.tokens, config.num_peers, config.data, seed)
-    return graph, data
+    return graph, peer_data(config, workspace.tokens, seed)
+
+
+def peer_data(config: ExperimentConfig, tokens: Mapping[str, torch.Tensor], seed: int) -> list[PeerData]:
+    """Each peer's split. An `other_group` attacker trains on the training split of the first peer of
+    another group (it keeps its own validation and test splits, and its claimed mixture)."""
+    data = make_peer_data(tokens, config.num_peers, config.data, seed)
+    for attack in config.attack:
+        if attack.kind != "other_group":
+            continue
+        for name in attack.peers:
+            mine = data[peer_index(name)]
+            other = next((d for d in data if d.group != mine.group), None)
+            if other is None:
+                raise ConfigError(f"attack: other_group needs a second data group, but {name} has no peer of "
+                                  f"another group to copy")
+            data[peer_index(name)] = dataclasses.replace(mine, train=other.train)
+    return data
+
+
+def attacked(endpoint: Endpoint, config: ExperimentConfig | AttackConfig | None, spec: PeerSpec,
+             initial: Mapping[str, torch.Tensor]) -> Endpoint:
+    """`endpoint`, or an AttackEndpoint around it when the experiment (or peer) makes this peer attack."""
+    attack = config if isinstance(config, AttackConfig) or config is None else attack_of(config.attack, spec.name)
+    if attack is None:
+        return endpoint
+    shared = {n: t for n, t in initial.items() if is_shared(n)}
+    return AttackEndpoint(endpoint, attack, shared, spec.seed)
 
 
 def layout_for(scheme: Scheme, profile: PeerProfile, default_rank: int) -> AdapterLayout:

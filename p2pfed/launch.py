@@ -7,6 +7,7 @@ JobResult the in-process runtime returns, so results.json and the plots are the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import subprocess
@@ -16,7 +17,8 @@ from pathlib import Path
 
 import tomli_w
 
-from p2pfed.config import ExperimentConfig, NeighbourConfig, PeerConfig, peer_name, to_dict
+from p2pfed.attacks import attack_of
+from p2pfed.config import AttackConfig, ExperimentConfig, NeighbourConfig, PeerConfig, peer_name, to_dict
 from p2pfed.job import JobResult, Workspace, job_setup
 from p2pfed.seeding import derive_seed
 from p2pfed.topology import neighbours
@@ -56,9 +58,14 @@ def peer_configs(config: ExperimentConfig, graph, scheme: str, seed: int, job_di
             identity_seed=identity_seeds[i], listen=(loopback_addr(ports[i]),),
             neighbours=tuple(NeighbourConfig(peer_name(j), peer_ids[j], (loopback_addr(ports[j]),))
                              for j in neighbours(graph, i)),
-            state_dir=str(job_dir / peer_name(i)), **config.sections(),
+            state_dir=str(job_dir / peer_name(i)), attack=_attack_of(config, peer_name(i)), **config.sections(),
         ))
     return configs
+
+
+def _attack_of(config: ExperimentConfig, name: str) -> AttackConfig | None:
+    attack = attack_of(config.attack, name)
+    return dataclasses.replace(attack, peers=(name,)) if attack is not None else None
 
 
 def write_peer_toml(config: PeerConfig, path: Path) -> None:

@@ -27,8 +27,8 @@ import trio
 from torch import nn
 
 from p2pfed.config import ConfigError, PeerConfig, peer_index
-from p2pfed.data import PeerData, make_peer_data
-from p2pfed.job import initial_adapter, open_workspace, peer_spec
+from p2pfed.data import PeerData
+from p2pfed.job import attacked, initial_adapter, open_workspace, peer_data, peer_spec
 from p2pfed.loop import PeerHooks, PeerLoop, PeerSpec
 from p2pfed.model import AdapterHost, BaseModel
 from p2pfed.net import wire
@@ -83,7 +83,7 @@ def prepare_peer(config: PeerConfig) -> PreparedPeer:
                      state_dir=config.state_dir or None, checkpoint_every=config.checkpoint_every)
     workspace = open_workspace(experiment, log=log.info)
     host = workspace.host_for(spec.scheme)
-    data = make_peer_data(workspace.tokens, config.num_peers, config.data, config.seed)[index]
+    data = peer_data(experiment, workspace.tokens, config.seed)[index]
     return PreparedPeer(base=workspace.base, host=host, data=data, spec=spec,
                         initial_adapter=initial_adapter(host, spec))
 
@@ -196,7 +196,8 @@ class Peer:
 
     async def _run(self) -> None:
         prepared, config = self.prepared, self.config
-        endpoint = NamedEndpoint(config.name, self.endpoint, {n.name: n.peer_id for n in config.neighbours})
+        endpoint = attacked(NamedEndpoint(config.name, self.endpoint, {n.name: n.peer_id for n in config.neighbours}),
+                            config.attack, prepared.spec, prepared.initial_adapter)
         self._loop = PeerLoop(prepared.spec, prepared.host, prepared.data, endpoint, prepared.initial_adapter,
                               hooks=PeerHooks(on_round=self._on_round, on_update=self._on_update,
                                               compute=self._compute, offload=trio.to_thread.run_sync))

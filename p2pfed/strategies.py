@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
-from p2pfed import aggregate, trust
+from p2pfed import aggregate, robust, trust
 from p2pfed.config import ConfigError, ExperimentConfig, TrustConfig
 
 if TYPE_CHECKING:
@@ -173,17 +173,18 @@ class Aggregator:
     name: str
     merge: Callable[[AggregationInputs], dict[str, Tensor]]
     mixed_ranks: bool = False  # neighbours may hold other ranks (their factors are projected, not averaged)
+    uses_trust: bool = True  # False: the robust baselines, which take every update whatever the trust
 
 
 AGGREGATORS: dict[str, Aggregator] = {}
 
 
-def aggregator(name: str, *, mixed_ranks: bool = False):
+def aggregator(name: str, *, mixed_ranks: bool = False, uses_trust: bool = True):
     """Register `merge` as the aggregator `name` (also a scheme's family: `name[:trust rule]`)."""
     def register(merge: Callable[[AggregationInputs], dict[str, Tensor]]):
         if name in AGGREGATORS or ":" in name:
             raise ValueError(f"aggregator {name!r} is registered already, or has a colon in its name")
-        AGGREGATORS[name] = Aggregator(name, merge, mixed_ranks)
+        AGGREGATORS[name] = Aggregator(name, merge, mixed_ranks, uses_trust)
         return merge
     return register
 
@@ -209,6 +210,25 @@ def _flexlora(inputs: AggregationInputs) -> dict[str, Tensor]:
 def _zero_padded(inputs: AggregationInputs) -> dict[str, Tensor]:
     states, weights = _weighted(inputs)
     return aggregate.project_adapter(states, weights, inputs.peer, inputs.scale, "zero_padded")
+
+
+# Byzantine-robust baselines: they ignore trust and take every usable update, the peer's own among them.
+
+@aggregator("median", uses_trust=False)
+def _median(inputs: AggregationInputs) -> dict[str, Tensor]:
+    return robust.coordinate_median(inputs.states)
+
+
+@aggregator("trimmed-mean", uses_trust=False)
+def _trimmed_mean(inputs: AggregationInputs) -> dict[str, Tensor]:
+    return robust.trimmed_mean(inputs.states, inputs.settings.trim_fraction)
+
+
+@aggregator("krum", uses_trust=False)
+def _krum(inputs: AggregationInputs) -> dict[str, Tensor]:
+    # Multi-Krum: the mean of the n - f updates that sit closest to their neighbours.
+    byzantine = inputs.settings.krum_byzantine
+    return robust.multi_krum(inputs.states, byzantine, keep=max(1, len(inputs.states) - byzantine))
 
 
 # -- schemes --------------------------------------------------------------------------------
@@ -251,6 +271,9 @@ def parse_scheme(name: str) -> Scheme:
         known = [*TRUST_RULES, *families]
         raise ConfigError(f"schemes: unknown scheme {name!r} (known: {', '.join(known)}; a family may take a "
                           f"trust rule after a colon, e.g. 'flexlora:predictions')")
+    if sep and family in AGGREGATORS and not AGGREGATORS[family].uses_trust:
+        raise ConfigError(f"schemes: {family!r} ignores trust, so {name!r} would compute a trust rule for nothing: "
+                          f"write {family!r}")
     if family in EXPERT_LAYOUTS:
         generalists, specialists = EXPERT_LAYOUTS[family]
         return Scheme(name=name, trust=rule, generalists=generalists, specialists=specialists)

@@ -9,7 +9,7 @@ import trio
 import trio.testing
 
 from p2pfed.config import ExperimentConfig
-from p2pfed.job import JobResult, Workspace, initial_adapter, job_setup, peer_specs
+from p2pfed.job import JobResult, Workspace, attacked, initial_adapter, job_setup, peer_specs
 from p2pfed.loop import PeerHooks, PeerLoop
 from p2pfed.net.memory import InMemoryNetwork
 from p2pfed.records import PeerResult, RoundRecord
@@ -24,9 +24,11 @@ def run_job(config: ExperimentConfig, workspace: Workspace, scheme: str, seed: i
     specs = peer_specs(config, graph, data, scheme, seed, state_root)
     host = workspace.host_for(specs[0].scheme)
     network = InMemoryNetwork(config.network, derive_seed(seed, "net"))
-    peers = [PeerLoop(spec, host, d, network.endpoint(spec.name), initial_adapter(host, spec),
-                      PeerHooks(on_round=on_round))
-             for spec, d in zip(specs, data)]
+    peers = []
+    for spec, d in zip(specs, data):
+        initial = initial_adapter(host, spec)
+        endpoint = attacked(network.endpoint(spec.name), config, spec, initial)
+        peers.append(PeerLoop(spec, host, d, endpoint, initial, PeerHooks(on_round=on_round)))
     results: dict[str, PeerResult] = {}
 
     async def main() -> None:
