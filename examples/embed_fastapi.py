@@ -108,9 +108,11 @@ def neighbour_process(config: p2pfed.PeerConfig, state: Path) -> Iterator[subpro
     try:
         yield process
     finally:
-        if process.poll() is None:
+        try:
+            process.wait(timeout=5)  # after its last round it closes its host and exits by itself
+        except subprocess.TimeoutExpired:
             process.terminate()
-        process.wait(timeout=60)
+            process.wait(timeout=60)
 
 
 def ask_in_process(overrides: Sequence[str]) -> None:
