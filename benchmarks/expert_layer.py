@@ -5,8 +5,9 @@ frozen, on a batch of 8 x 128 tokens. One training step: forward, mean-square lo
 AdamW on the adapter tensors only. The input requires grad, as in a middle layer whose gradient
 must flow on to the adapters before it. Sides, timed interleaved in one run (medians):
 
-    experts        MixtureOfLoraExperts on both linears, 1 generalist + 1 specialist of rank r, top-2:
-                   an expert-phase step as BilevelTrainer runs it (routers frozen, AdamW on A and B)
+    experts        MixtureOfLoraExperts on both linears, 1 generalist + 1 specialist of rank r, top-2,
+                   pointed at a peer's tensors by an AdapterHost as the swarm does: an expert-phase
+                   step as training.BilevelTrainer runs it (routers frozen, AdamW on A and B)
     lora           a minimal hand-written LoRA of rank 2r on both linears: base(x) + s (x A^T) B^T
     experts_top1   the same expert step with top-1 (dense: every expert is computed, then masked)
     experts_joint  experts and routers trained together in one step (no bi-level split)
@@ -31,8 +32,10 @@ from torch.nn import functional as F
 from transformers.pytorch_utils import Conv1D
 
 from common import interleaved, median, setup
-from p2pfed.config import lora_scale
-from p2pfed.experts import ExpertLayerConfig, attach_experts, initial_expert_state, is_router, using_state
+from p2pfed.config import ExpertsConfig, LoraConfig, lora_scale
+from p2pfed.data import ByteTokenizer
+from p2pfed.experts import is_router
+from p2pfed.model import BaseModel, attach_adapters
 
 SIZES = (64, 256)
 BATCH, LENGTH = 8, 128
@@ -40,6 +43,7 @@ RANK = 8  # per expert; the plain LoRA gets 2 x RANK
 ALPHA = 16.0
 TARGET = 1.3
 SEED = 0
+TARGETS = ("c_fc", "c_proj")
 
 
 class MLP(nn.Module):
@@ -88,19 +92,21 @@ def training_step(model: nn.Module, params: list[torch.Tensor], x: torch.Tensor)
 def expert_side(n_embd: int, rank: int, top_k: int, x: torch.Tensor,
                 phase: str = "experts") -> Callable[[], None]:
     """A step of one bi-level phase: "experts" (routers frozen), "router" (experts frozen) or "joint" (all)."""
-    model = frozen_mlp(n_embd)
+    # Plain LoRA targets the same linears, so the host holds expert layers only.
+    base = BaseModel(model=frozen_mlp(n_embd), tokenizer=ByteTokenizer(), context=LENGTH, family="gpt2")
+    host = attach_adapters(base, LoraConfig(rank=rank, alpha=ALPHA, target_modules=TARGETS),
+                           ExpertsConfig(top_k=top_k, target_modules=TARGETS))
     generator = torch.Generator().manual_seed(SEED)
-    slots = attach_experts(model, ("c_fc", "c_proj"), ExpertLayerConfig(1, 1, rank=rank, alpha=ALPHA, top_k=top_k))
-    # A peer's own tensors pointed into the shared layer, as a host would; B nonzero so the router learns.
+    # A peer's own tensors pointed into the shared layers; B nonzero so the router learns.
     state = {name: nn.Parameter(t if not name.endswith("_B") else torch.randn(t.shape, generator=generator) * 0.01)
-             for name, t in initial_expert_state(slots, generator).items()}
+             for name, t in host.initial_adapter(SEED, host.layout(rank, 1, 1)).items()}
     trained = {"experts": lambda name: not is_router(name), "router": is_router, "joint": lambda name: True}[phase]
     for name, tensor in state.items():
         tensor.requires_grad_(trained(name))  # as BilevelTrainer freezes the other phase's tensors
-    step = training_step(model, [t for name, t in state.items() if trained(name)], x)
+    step = training_step(host.model, [t for name, t in state.items() if trained(name)], x)
 
     def pointed() -> None:
-        with using_state(slots, state):
+        with host.using(state):
             step()
 
     return pointed

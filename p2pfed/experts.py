@@ -1,30 +1,28 @@
 """CoMiGS expert layers: a frozen linear with generalist and specialist LoRA experts and a router.
 
-algorithms.md section 2. Each adapted layer computes
+docs/algorithms.md, section 2. Each adapted layer computes
 
     y = W x + sum_e p_e * s * B_e A_e x,     p = top-k(softmax(router(rms_norm(x))))
 
 Generalists are shared with neighbours; specialists and the router never leave the peer. That
 split is declared once, in TENSOR_KINDS; everything else asks `is_shared` / `is_router`.
 
-As with plain LoRA (model.py), one frozen base model serves every peer of a process: each expert
-tensor is a plain entry of a layer's `_parameters`, and an ExpertSlot names it, so a host points
-it at a peer's own tensor for the duration of a pass. The layer reads the number of experts and
-the rank from the tensors it finds there at forward time, so the layer itself does not fix them.
+As with plain LoRA, one frozen base model serves every peer of a process: each expert tensor is
+a plain entry of a layer's `_parameters`, so model.AdapterHost points it at a peer's own tensor
+for the duration of a pass, through the same slots as LoRA tensors. The layer reads the number
+of experts and the rank from the tensors it finds there at forward time, so the layer itself
+does not fix them.
 
-Bi-level training (experts on the training split, the router alone on the validation split) is
-at the end: BilevelOptimizers and BilevelTrainer.
+Bi-level training (experts on the training split, the router alone on validation) is training.py's.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from types import MappingProxyType
-from typing import Literal, TypeVar
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -34,14 +32,9 @@ from p2pfed.config import ConfigError, lora_scale
 
 __all__ = [
     "TensorKind", "TENSOR_KINDS", "EXPERT_TENSORS", "MLP_TARGETS", "kind_of", "is_shared", "is_router",
-    "ExpertLayerConfig", "Routing", "MixtureOfLoraExperts", "mean_load_balancing_loss",
-    "ExpertSlot", "layer_slots", "attach_experts", "init_tensor", "initial_expert_state", "copy_state",
-    "using_state", "shared_state", "local_state", "save_state", "load_state",
-    "BilevelOptimizers", "bilevel_optimizers", "BilevelStats", "BilevelTrainer",
+    "ExpertLayerConfig", "Routing", "MixtureOfLoraExperts", "mean_load_balancing_loss", "attach_experts",
+    "init_tensor",
 ]
-
-State = dict[str, Tensor]
-Batch = TypeVar("Batch")
 
 
 # ---------------------------------------------------------------------------
@@ -64,7 +57,7 @@ TENSOR_KINDS: Mapping[str, TensorKind] = MappingProxyType({
     "lora_B": TensorKind(shared=True, phase="experts"),
 })
 
-# The tensors of one MixtureOfLoraExperts, in slot order.
+# The tensors of one MixtureOfLoraExperts, in the order a host's slots list them.
 EXPERT_TENSORS = ("generalist_A", "generalist_B", "specialist_A", "specialist_B", "router")
 
 # The MLP linears the paper puts experts on, per model family (dotted suffixes of module paths:
@@ -154,8 +147,8 @@ class MixtureOfLoraExperts(nn.Module):
     G or S may be 0. The router has no bias: a bias would only be a token-independent prior,
     which the load-balancing loss is there to keep flat anyway.
 
-    The constructor only allocates zero placeholders (a host points them at a peer's tensors);
-    `reset_parameters(generator)` gives a layer used on its own its seeded init.
+    The constructor only allocates zero placeholders of the config's shape: model.AdapterHost
+    points them at a peer's tensors, whose seeded init is AdapterHost.initial_adapter's.
 
     With k = 1 the kept probability is renormalised to exactly 1, so the task loss gives the
     router no gradient: top-1 routing learns only from the load-balancing loss.
@@ -181,10 +174,6 @@ class MixtureOfLoraExperts(nn.Module):
         return (f"in={self.in_features}, out={self.out_features}, generalists={self.generalist_A.shape[0]}, "
                 f"specialists={self.specialist_A.shape[0]}, rank={self.generalist_A.shape[1]}, "
                 f"top_k={self.top_k}, alpha={self.alpha}, rslora={self.rslora}")
-
-    def reset_parameters(self, generator: torch.Generator) -> None:
-        slots = layer_slots("", self)
-        copy_state(slots, initial_expert_state(slots, generator))
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.base(x)
@@ -212,7 +201,7 @@ class MixtureOfLoraExperts(nn.Module):
             gates = torch.zeros_like(probs).scatter(-1, index, kept / kept.sum(-1, keepdim=True))
         self.last_routing = Routing(probs=probs, mask=mask, top_k=k)
         # All experts at once, as one LoRA of rank E*r whose r-blocks each token scales by its gate:
-        # computing every expert densely beats dispatching tokens to experts here (compute-notes.md).
+        # computing every expert densely beats dispatching tokens to experts here (docs/compute.md, "Expert layers").
         hidden = (flat @ A.reshape(n_experts * rank, self.in_features).t()).view(-1, n_experts, rank)
         hidden = (hidden * gates.unsqueeze(-1)).view(-1, n_experts * rank)
         up = B.transpose(1, 2).reshape(n_experts * rank, self.out_features)
@@ -232,8 +221,8 @@ class MixtureOfLoraExperts(nn.Module):
         take it inside the same pass, before the layer runs again.
 
         Returns None when k = E: every token keeps every expert, f_e = 1/E and the loss is the
-        constant 1, so it carries no signal and must not be counted as a feature (algorithms.md,
-        section 2).
+        constant 1, so it carries no signal and must not be counted as a feature (docs/algorithms.md,
+        section 2, "Load balancing").
         """
         if self.last_routing is None:
             raise RuntimeError("load_balancing_loss needs a forward pass first")
@@ -262,41 +251,19 @@ def mean_load_balancing_loss(model: nn.Module) -> Tensor | None:
 
 
 # ---------------------------------------------------------------------------
-# Slots: attaching layers to a model and pointing them at a peer's tensors.
+# Attaching layers to a model.
 
-@dataclass(frozen=True)
-class ExpertSlot:
-    name: str  # the tensor's name on the wire, e.g. "transformer.h.0.mlp.c_fc.generalist_A"
-    module: nn.Module  # the MixtureOfLoraExperts that holds it
-    attr: str  # its key in module._parameters: point it with module._parameters[attr] = tensor
-    shape: tuple[int, ...]
+def attach_experts(model: nn.Module, paths: Sequence[str],
+                   config: ExpertLayerConfig) -> dict[str, MixtureOfLoraExperts]:
+    """Replace, in place, the submodule at each of `paths` by an expert layer around it.
 
-
-def layer_slots(path: str, layer: MixtureOfLoraExperts) -> list[ExpertSlot]:
-    """The slots of one layer at module path `path`; empty parts (G = 0 or S = 0) get none."""
-    prefix = f"{path}." if path else ""
-    return [ExpertSlot(name=prefix + attr, module=layer, attr=attr, shape=tuple(layer._parameters[attr].shape))
-            for attr in EXPERT_TENSORS if layer._parameters[attr].numel() > 0]
-
-
-def _matches(path: str, targets: Sequence[str]) -> bool:
-    return any(path == target or path.endswith("." + target) for target in targets)
-
-
-def attach_experts(model: nn.Module, target_modules: Sequence[str], config: ExpertLayerConfig,
-                   generator: torch.Generator | None = None) -> list[ExpertSlot]:
-    """Replace, in place, every submodule whose path ends with a target by an expert layer around it.
-
-    Targets are dotted suffixes of module paths ("mlp.c_fc" matches "transformer.h.0.mlp.c_fc").
-    The model's own parameters are left as they are (load_base_model freezes them). With a
-    generator the layers get the seeded init of `initial_expert_state`; without, zero placeholders
-    for a host to point at peers' tensors. Returns a slot for every trainable tensor.
+    The layers hold zero placeholders for model.AdapterHost to point at peers' tensors; the
+    model's own parameters are left as they are (load_base_model froze them). Which paths a
+    config's targets name is model.matching_paths's business. Returns the layers by path.
     """
-    matches = [(path, module) for path, module in model.named_modules() if path and _matches(path, target_modules)]
-    if not matches:
-        raise ConfigError(f"experts.target_modules: no module of the model matches {list(target_modules)}")
-    slots: list[ExpertSlot] = []
-    for path, base in matches:
+    layers: dict[str, MixtureOfLoraExperts] = {}
+    for path in paths:
+        base = model.get_submodule(path)
         if isinstance(base, MixtureOfLoraExperts):
             raise ConfigError(f"{path} already holds experts")
         try:
@@ -305,10 +272,8 @@ def attach_experts(model: nn.Module, target_modules: Sequence[str], config: Expe
             raise ConfigError(f"experts.target_modules: {path}: {error}") from error
         parent, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent), child, layer)
-        slots.extend(layer_slots(path, layer))
-    if generator is not None:
-        copy_state(slots, initial_expert_state(slots, generator))
-    return slots
+        layers[path] = layer
+    return layers
 
 
 # Router logits start with a standard deviation of about this, whatever the input width (its
@@ -324,158 +289,3 @@ def init_tensor(attr: str, shape: Sequence[int], generator: torch.Generator) -> 
     if attr == "router":
         return torch.randn(tuple(shape), generator=generator) * (ROUTER_INIT_LOGIT_STD / math.sqrt(fan_in))
     return torch.zeros(tuple(shape))
-
-
-def initial_expert_state(slots: Sequence[ExpertSlot], generator: torch.Generator) -> State:
-    """The seeded init of every slot.
-
-    Shared tensors are drawn first, so that peers starting from the same seed hold the same
-    generalists even when they hold different numbers of specialists.
-    """
-    ordered = [s for s in slots if is_shared(s.name)] + [s for s in slots if not is_shared(s.name)]
-    state = {slot.name: init_tensor(slot.attr, slot.shape, generator) for slot in ordered}
-    return {slot.name: state[slot.name] for slot in slots}
-
-
-def copy_state(slots: Sequence[ExpertSlot], state: Mapping[str, Tensor]) -> None:
-    """Copy `state` into the layers' own parameters (for a model used without a host)."""
-    with torch.no_grad():
-        for slot in slots:
-            slot.module._parameters[slot.attr].copy_(state[slot.name])
-
-
-@contextlib.contextmanager
-def using_state(slots: Sequence[ExpertSlot], state: Mapping[str, Tensor]) -> Iterator[None]:
-    """Point every slot at `state`'s tensors (no copy) for the duration of the block."""
-    saved = [slot.module._parameters[slot.attr] for slot in slots]
-    try:
-        for slot in slots:
-            slot.module._parameters[slot.attr] = state[slot.name]
-        yield
-    finally:
-        for slot, tensor in zip(slots, saved):
-            slot.module._parameters[slot.attr] = tensor
-
-
-def shared_state(state: Mapping[str, Tensor]) -> State:
-    """What a peer sends to its neighbours."""
-    return {name: tensor for name, tensor in state.items() if is_shared(name)}
-
-
-def local_state(state: Mapping[str, Tensor]) -> State:
-    """What never leaves the peer."""
-    return {name: tensor for name, tensor in state.items() if not is_shared(name)}
-
-
-def save_state(path: str | Path, state: Mapping[str, Tensor]) -> None:
-    # safetensors, never pickle: a saved state may be read back by another process or machine.
-    from safetensors.torch import save_file
-
-    save_file({name: tensor.detach().cpu().contiguous() for name, tensor in state.items()}, str(path))
-
-
-def load_state(path: str | Path) -> State:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
-
-
-# ---------------------------------------------------------------------------
-# Bi-level training: experts on the training split, the router alone on the validation split.
-
-@dataclass
-class BilevelOptimizers:
-    experts: torch.optim.Optimizer  # every A/B tensor, stepped on training batches
-    router: torch.optim.Optimizer  # every router, stepped on validation batches
-    expert_params: list[Tensor]
-    router_params: list[Tensor]
-
-
-def bilevel_optimizers(params: Mapping[str, Tensor], expert_lr: float, router_lr: float,
-                       weight_decay: float = 0.0) -> BilevelOptimizers:
-    """Two AdamW optimizers over disjoint halves of a peer's tensors, split by `is_router`."""
-    expert_params = [t for name, t in params.items() if not is_router(name)]
-    router_params = [t for name, t in params.items() if is_router(name)]
-    if not expert_params or not router_params:
-        raise ValueError("bi-level training needs both expert and router tensors")
-    return BilevelOptimizers(
-        experts=torch.optim.AdamW(expert_params, lr=expert_lr, weight_decay=weight_decay),
-        router=torch.optim.AdamW(router_params, lr=router_lr, weight_decay=weight_decay),
-        expert_params=expert_params, router_params=router_params,
-    )
-
-
-@dataclass(frozen=True)
-class BilevelStats:
-    expert_loss: float  # mean over this round's expert steps
-    router_loss: float | None  # mean over its router steps; None when the router did not train
-    expert_steps: int
-    router_steps: int
-
-
-@dataclass
-class BilevelTrainer:
-    """Every `router_every` expert steps, the router alone takes `router_steps` steps.
-
-    No leak between the phases: the other phase's tensors have requires_grad off, so no gradient
-    for them is even computed, and every phase switch drops all gradients (set to None, not zero:
-    AdamW would still move a tensor with a zero gradient by its momentum).
-    """
-
-    optimizers: BilevelOptimizers
-    router_every: int
-    router_steps: int
-    # Counts across rounds: the router's schedule follows expert steps, not rounds.
-    expert_steps_done: int = 0
-
-    def __post_init__(self) -> None:
-        if self.router_every < 1 or self.router_steps < 0:
-            raise ConfigError(f"router_every must be at least 1 and router_steps at least 0, got "
-                              f"{self.router_every} and {self.router_steps}")
-
-    def train_round(self, steps: int, expert_loss: Callable[[Batch], Tensor], train_batches: Iterator[Batch],
-                    val_batches: Iterator[Batch], router_loss: Callable[[Batch], Tensor] | None = None
-                    ) -> BilevelStats:
-        """`steps` expert steps on training batches with the router phases they call for.
-
-        The loss callables run the model (pointed at the peer's tensors by the caller);
-        `router_loss` defaults to `expert_loss`. Afterwards every tensor trains again and no
-        gradient is left over.
-        """
-        router_loss = router_loss or expert_loss
-        opt = self.optimizers
-        expert_total, router_losses = 0.0, []
-        try:
-            self._enter(opt.expert_params, opt.router_params)
-            for _ in range(steps):
-                expert_total += _step(opt.experts, expert_loss, next(train_batches))
-                self.expert_steps_done += 1
-                if self.router_steps and self.expert_steps_done % self.router_every == 0:
-                    self._enter(opt.router_params, opt.expert_params)
-                    router_losses += [_step(opt.router, router_loss, next(val_batches))
-                                      for _ in range(self.router_steps)]
-                    self._enter(opt.expert_params, opt.router_params)
-        finally:
-            self._enter([*opt.expert_params, *opt.router_params], [])
-        return BilevelStats(
-            expert_loss=expert_total / steps if steps else math.nan,
-            router_loss=sum(router_losses) / len(router_losses) if router_losses else None,
-            expert_steps=steps, router_steps=len(router_losses),
-        )
-
-    @staticmethod
-    def _enter(trained: Iterable[Tensor], frozen: Iterable[Tensor]) -> None:
-        for tensor in frozen:
-            tensor.grad = None
-            tensor.requires_grad_(False)
-        for tensor in trained:
-            tensor.grad = None
-            tensor.requires_grad_(True)
-
-
-def _step(optimizer: torch.optim.Optimizer, loss_fn: Callable[[Batch], Tensor], batch: Batch) -> float:
-    loss = loss_fn(batch)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.item()

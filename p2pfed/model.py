@@ -1,9 +1,10 @@
-"""The frozen base model and the LoRA adapters peers train on it.
+"""The frozen base model and the adapters peers train on it: plain LoRA and CoMiGS expert layers.
 
 In one process every peer shares one frozen base model wrapped once by peft. A peer owns
-only its adapter tensors; `AdapterHost.using(adapter)` points the LoRA modules at them for
-the duration of a forward/backward pass. Pointing parameters costs microseconds, where
-peft's own adapter switching costs milliseconds (compute-notes.md).
+only its adapter tensors; `AdapterHost.using(adapter)` points the LoRA modules (and the expert
+layers of experts.py) at them for the duration of a forward/backward pass. Pointing parameters
+costs microseconds, where peft's own adapter switching costs milliseconds (docs/compute.md,
+"Pointing parameters instead of switching adapters").
 """
 
 from __future__ import annotations
@@ -14,16 +15,18 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 from torch import nn
 
 from p2pfed.config import ConfigError, ExpertsConfig, LoraConfig, ModelConfig
 from p2pfed.data import ByteTokenizer, load_pretrain_text
+from p2pfed.experts import (EXPERT_TENSORS, MLP_TARGETS, ExpertLayerConfig, MixtureOfLoraExperts, attach_experts,
+                            init_tensor, is_shared)
 
 # LoRA targets that cover attention and MLP linears, per model family.
 KNOWN_TARGETS: dict[str, tuple[str, ...]] = {
@@ -214,7 +217,7 @@ class AdapterLayout:
 
 @dataclass(frozen=True)
 class AdapterSlot:
-    """Where one adapter tensor goes: `module._parameters[attr]`.
+    """Where one adapter tensor goes: `module._parameters[attr]`, for LoRA and expert tensors alike.
 
     Slots fix where tensors go, not their shapes: peers of different ranks or numbers of experts
     use the same slots with tensors of their own shapes.
@@ -241,16 +244,16 @@ class AdapterSlot:
 class AdapterHost:
     """One frozen base model whose adapter tensors can be pointed at any peer's adapter."""
 
-    def __init__(self, model: nn.Module, slots: list[AdapterSlot], lora: LoraConfig, experts: bool = False):
+    def __init__(self, model: nn.Module, slots: list[AdapterSlot], lora: LoraConfig, expert_layers: bool = False):
         self.model = model
         self.slots = slots
         self.lora = lora
-        self.experts = experts  # whether MLP layers hold experts (the comigs methods' host)
+        self.expert_layers = expert_layers  # whether MLP layers hold experts (the comigs methods' host)
 
     def layout(self, rank: int | None = None, generalists: int = 0, specialists: int = 0) -> AdapterLayout:
         layout = AdapterLayout(rank or self.lora.rank, generalists, specialists)
-        if layout.has_experts != self.experts:
-            raise ValueError(f"this host {'has' if self.experts else 'has no'} expert layers; layout {layout}")
+        if layout.has_experts != self.expert_layers:
+            raise ValueError(f"this host {'has' if self.expert_layers else 'has no'} expert layers; layout {layout}")
         return layout
 
     def shapes(self, layout: AdapterLayout | None = None) -> dict[str, tuple[int, ...]]:
@@ -268,8 +271,6 @@ class AdapterHost:
         tensors are drawn first, so that peers holding different numbers of specialists still
         start from the same generalists.
         """
-        from p2pfed.experts import init_tensor, is_shared
-
         shapes = self.shapes(layout)
         generator = torch.Generator().manual_seed(seed)
         ordered = [s for s in self.slots if is_shared(s.name)] + [s for s in self.slots if not is_shared(s.name)]
@@ -320,45 +321,58 @@ def attach_adapters(base: BaseModel, lora: LoraConfig, experts: ExpertsConfig | 
     Without `experts`: plain LoRA on every target. With it: expert layers on the experts'
     targets (default: the MLP linears) and plain LoRA on the other targets (attention).
     """
-    from p2pfed.experts import MLP_TARGETS, ExpertLayerConfig, attach_experts, layer_slots
-
     model = structure_copy(base.model)
-    targets = list(lora.target_modules) or list(KNOWN_TARGETS.get(base.family, ())) or "all-linear"
-    expert_targets: list[str] = []
+    targets: list[str] | Literal["all-linear"] = (list(lora.target_modules) or list(KNOWN_TARGETS.get(base.family, ()))
+                                                  or "all-linear")
+    expert_paths: list[str] = []
     if experts is not None:
         expert_targets = list(experts.target_modules) or list(MLP_TARGETS.get(base.family, ()))
         if not expert_targets:
             raise ConfigError(f"experts.target_modules: no default for model family {base.family!r}; name them")
-        targets = _lora_paths_outside(model, targets, expert_targets)
+        expert_paths = matching_paths(model, expert_targets)
+        if not expert_paths:
+            raise ConfigError(f"experts.target_modules: no module of the model matches {expert_targets}")
+        targets = _lora_paths_outside(model, targets, expert_paths)
     slots = _inject_lora(model, targets, lora, base.family) if targets else []
     inner = model  # peft injects in place; calling the HF model directly skips the peft wrapper's overhead
     if experts is not None:
         layer_config = ExpertLayerConfig(alpha=lora.alpha, rslora=lora.rslora, top_k=experts.top_k)
-        expert_slots = attach_experts(inner, expert_targets, layer_config)
-        for path in dict.fromkeys(s.name.rpartition(".")[0] for s in expert_slots):
-            layer = inner.get_submodule(path)
-            slots += [AdapterSlot(name=s.name, module=layer, attr=s.attr, kind=s.attr,
-                                  in_features=layer.in_features, out_features=layer.out_features)
-                      for s in layer_slots(path, layer)]
+        slots += _expert_slots(attach_experts(inner, expert_paths, layer_config))
     if not slots:
         raise ConfigError(f"lora.target_modules: no module of the model matches {targets}")
     inner.eval()
-    return AdapterHost(model=inner, slots=slots, lora=lora, experts=experts is not None)
+    return AdapterHost(model=inner, slots=slots, lora=lora, expert_layers=experts is not None)
 
 
-def _lora_paths_outside(model: nn.Module, targets, expert_targets: list[str]) -> list[str]:
-    """Full paths of the LoRA targets that are not expert targets ("c_proj" names both GPT-2 projections)."""
-    def matches(path: str, names) -> bool:
-        return any(path == n or path.endswith("." + n) for n in names)
+def matching_paths(model: nn.Module, targets: Iterable[str]) -> list[str]:
+    """The paths of `model`'s submodules that `targets` name, in module order.
 
+    A target is a dotted suffix of a path, matched at a dot: "mlp.c_fc" names
+    "transformer.h.0.mlp.c_fc", "c_proj" names both GPT-2 projections, "proj" names neither.
+    """
+    names = tuple(targets)
+    return [path for path, _ in model.named_modules()
+            if path and any(path == name or path.endswith("." + name) for name in names)]
+
+
+def _lora_paths_outside(model: nn.Module, targets: list[str] | Literal["all-linear"],
+                        expert_paths: Sequence[str]) -> list[str]:
+    """Full paths of the LoRA targets that hold no experts (peft's own matching would also take those)."""
     if targets == "all-linear":
         targets = sorted({p.rpartition(".")[2] for p, m in model.named_modules() if isinstance(m, nn.Linear)})
-    return [path for path, _ in model.named_modules()
-            if path and matches(path, targets) and not matches(path, expert_targets)
-            and not path.endswith("lm_head")]
+    taken = set(expert_paths)
+    return [path for path in matching_paths(model, targets) if path not in taken and not path.endswith("lm_head")]
 
 
-def _inject_lora(model: nn.Module, targets, lora: LoraConfig, family: str) -> list[AdapterSlot]:
+def _expert_slots(layers: Mapping[str, MixtureOfLoraExperts]) -> list[AdapterSlot]:
+    """A slot for every tensor of every expert layer: a layer's tensors are plain `_parameters` entries."""
+    return [AdapterSlot(name=f"{path}.{kind}", module=layer, attr=kind, kind=kind,
+                        in_features=layer.in_features, out_features=layer.out_features)
+            for path, layer in layers.items() for kind in EXPERT_TENSORS]
+
+
+def _inject_lora(model: nn.Module, targets: list[str] | Literal["all-linear"], lora: LoraConfig,
+                 family: str) -> list[AdapterSlot]:
     import warnings
 
     from peft import LoraConfig as PeftLoraConfig

@@ -1,33 +1,35 @@
-"""The CoMiGS expert layer: routing math, layouts, slots and the no-leak property of bi-level training."""
+"""The CoMiGS expert layer: routing math, layouts, hosting on a base model and the no-leak property of
+bi-level training.
+
+Layer math is checked on MixtureOfLoraExperts itself; everything about a peer's tensors (seeded init,
+pointing, shapes per layout) goes through the one hosting mechanism, model.AdapterHost.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
-from p2pfed.config import ConfigError
+from p2pfed.config import ConfigError, ExpertsConfig, LoraConfig
+from p2pfed.data import ByteTokenizer
 from p2pfed.experts import (
-    BilevelTrainer,
+    EXPERT_TENSORS,
     ExpertLayerConfig,
     MixtureOfLoraExperts,
     attach_experts,
-    bilevel_optimizers,
-    initial_expert_state,
     is_router,
     is_shared,
-    layer_slots,
-    load_state,
-    local_state,
     mean_load_balancing_loss,
-    save_state,
-    shared_state,
-    using_state,
 )
+from p2pfed.model import AdapterHost, BaseModel, attach_adapters
+from p2pfed.training import BilevelTrainer, bilevel_optimizers
 
 
 def gen(seed: int) -> torch.Generator:
@@ -61,6 +63,23 @@ def tiny_gpt2():
         torch.manual_seed(0)
         model = GPT2LMHeadModel(config)
     return model.eval().requires_grad_(False)
+
+
+def gpt2_base() -> BaseModel:
+    return BaseModel(model=tiny_gpt2(), tokenizer=ByteTokenizer(), context=32, family="gpt2")
+
+
+def gpt2_host(top_k: int = 2) -> tuple[BaseModel, AdapterHost]:
+    """The comigs host of the tiny GPT-2: experts on the MLP linears, plain LoRA on attention."""
+    base = gpt2_base()
+    return base, attach_adapters(base, LoraConfig(rank=4, alpha=8.0), ExpertsConfig(top_k=top_k))
+
+
+def host_over(module: nn.Module, targets: tuple[str, ...], rank: int, top_k: int) -> AdapterHost:
+    """A host whose only adapters are expert layers on `targets` (its LoRA targets are the same modules)."""
+    base = BaseModel(model=module, tokenizer=ByteTokenizer(), context=0, family="")
+    return attach_adapters(base, LoraConfig(rank=rank, target_modules=targets),
+                           ExpertsConfig(top_k=top_k, target_modules=targets))
 
 
 def lm_loss(model, batch):
@@ -157,8 +176,16 @@ def test_generalists_only_and_specialists_only(generalists, specialists):
     x = torch.randn(6, 5, generator=gen(4), dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), naive(layer, x))
-    assert {s.attr for s in layer_slots("", layer)} == (
-        {"generalist_A", "generalist_B", "router"} if specialists == 0 else {"specialist_A", "specialist_B", "router"})
+    # Through a host (whose layers hold 1 + 1 placeholders): the missing part is held as empty tensors.
+    host = host_over(nn.Sequential(linear(5, 4, 0, torch.float64)), ("0",), rank=2, top_k=1)
+    layout = host.layout(2, generalists, specialists)
+    held = {name for name, t in host.initial_adapter(0, layout).items() if t.numel() > 0}
+    assert held == ({"0.generalist_A", "0.generalist_B", "0.router"} if specialists == 0
+                    else {"0.specialist_A", "0.specialist_B", "0.router"})
+    adapter = {name: torch.randn(shape, generator=gen(5), dtype=torch.float64)
+               for name, shape in host.shapes(layout).items()}
+    with torch.no_grad(), host.using(adapter) as model:
+        torch.testing.assert_close(model(x), naive(model[0], x))
 
 
 def test_linear_and_conv1d_bases_agree():
@@ -182,12 +209,12 @@ def test_linear_and_conv1d_bases_agree():
 
 
 def test_zero_b_is_the_base_layer():
-    layer = MixtureOfLoraExperts(linear(6, 3, 0), ExpertLayerConfig(1, 1, rank=4, top_k=1))
-    layer.reset_parameters(gen(0))
-    assert layer.generalist_A.abs().sum() > 0 and layer.router.abs().sum() > 0
+    host = host_over(nn.Sequential(linear(6, 3, 0)), ("0",), rank=4, top_k=1)
+    adapter = host.initial_adapter(0, host.layout(4, 1, 1))
+    assert adapter["0.generalist_A"].abs().sum() > 0 and adapter["0.router"].abs().sum() > 0
     x = torch.randn(3, 6, generator=gen(1))
-    with torch.no_grad():
-        assert torch.equal(layer(x), layer.base(x))
+    with torch.no_grad(), host.using(adapter) as model:
+        assert torch.equal(model(x), model[0].base(x))
 
 
 def test_top_k_masks_the_other_experts():
@@ -235,16 +262,17 @@ def test_load_balancing_loss_only_when_k_below_e():
 
 def test_one_layer_serves_states_with_different_numbers_of_specialists():
     # A host built for one layout runs a peer that holds another: the layer reads E from the tensors.
-    host_layer = MixtureOfLoraExperts(linear(5, 4, 0), ExpertLayerConfig(1, 1, rank=2, top_k=2))
+    host = host_over(nn.Sequential(linear(5, 4, 0)), ("0",), rank=2, top_k=2)
+    assert host.model[0].router.shape == (2, 5)  # 1 + 1 placeholders
     other = randomise(MixtureOfLoraExperts(linear(5, 4, 0), ExpertLayerConfig(1, 3, rank=2, top_k=2)), 3)
-    state = {slot.name: slot.module._parameters[slot.attr].detach() for slot in layer_slots("", other)}
+    state = {f"0.{kind}": getattr(other, kind).detach() for kind in EXPERT_TENSORS}
     x = torch.randn(4, 5, generator=gen(4))
-    with torch.no_grad(), using_state(layer_slots("", host_layer), state):
-        torch.testing.assert_close(host_layer(x), other(x))
+    with torch.no_grad(), host.using(state) as model:
+        torch.testing.assert_close(model(x), other(x))
 
 
 # ---------------------------------------------------------------------------
-# Names, slots and state.
+# Names, hosting and state.
 
 def test_is_shared_by_name():
     assert is_shared("transformer.h.0.mlp.c_fc.generalist_A")
@@ -259,77 +287,97 @@ def test_is_shared_by_name():
             is_shared(bad)
 
 
-def test_attach_experts_on_tiny_gpt2():
-    model = tiny_gpt2()
+def test_expert_host_on_tiny_gpt2():
+    base, host = gpt2_host()
     batch = torch.randint(0, 64, (2, 16), generator=gen(0))
     with torch.no_grad():
-        before = model(input_ids=batch).logits
-    config = ExpertLayerConfig(1, 1, rank=4, alpha=8.0, top_k=2)
-    slots = attach_experts(model, ("mlp.c_fc", "mlp.c_proj"), config, generator=gen(1))
-    replaced = {path for path, m in model.named_modules() if isinstance(m, MixtureOfLoraExperts)}
+        before = base.model(input_ids=batch).logits
+    replaced = {path for path, m in host.model.named_modules() if isinstance(m, MixtureOfLoraExperts)}
     assert replaced == {"transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"}
-    assert type(model.transformer.h[0].attn.c_proj).__name__ == "Conv1D"
-    assert [s.name for s in slots] == [f"transformer.h.0.mlp.{layer}.{attr}" for layer in ("c_fc", "c_proj")
-                                       for attr in ("generalist_A", "generalist_B", "specialist_A",
-                                                    "specialist_B", "router")]
-    fc = model.transformer.h[0].mlp.c_fc
-    assert fc.generalist_A.shape == (1, 4, 32) and fc.generalist_B.shape == (1, 128, 4) and fc.router.shape == (2, 32)
-    assert all(s.shape == tuple(s.module._parameters[s.attr].shape) for s in slots)
+    assert not any(isinstance(m, MixtureOfLoraExperts) for m in base.model.modules())  # the base's tree is untouched
+    assert type(host.model.transformer.h[0].attn.c_proj.base_layer).__name__ == "Conv1D"  # attention: plain LoRA
+    assert [s.name for s in host.slots if s.kind in EXPERT_TENSORS] == [
+        f"transformer.h.0.mlp.{layer}.{attr}" for layer in ("c_fc", "c_proj") for attr in EXPERT_TENSORS]
+    assert [s.name for s in host.slots if s.kind not in EXPERT_TENSORS] == [
+        f"transformer.h.0.attn.{layer}.{part}" for layer in ("c_attn", "c_proj") for part in ("lora_A", "lora_B")]
+    assert host.expert_layers
+    with pytest.raises(ValueError):
+        host.layout(4)  # an expert host runs expert layouts only
+    layout = host.layout(4, 1, 1)
+    adapter = {n: nn.Parameter(t) for n, t in host.initial_adapter(1, layout).items()}
+    fc = "transformer.h.0.mlp.c_fc."
+    assert adapter[fc + "generalist_A"].shape == (1, 4, 32) and adapter[fc + "generalist_B"].shape == (1, 128, 4)
+    assert adapter[fc + "router"].shape == (2, 32)
+    assert host.shapes(layout) == {n: tuple(t.shape) for n, t in adapter.items()}
     # Seeded init: B = 0, so the model is the base model; and it trains.
-    logits = model(input_ids=batch).logits
-    torch.testing.assert_close(logits, before)
-    lm_loss(model, batch).backward()
-    assert fc.generalist_B.grad.abs().sum() > 0 and fc.specialist_B.grad.abs().sum() > 0
-    assert all(not p.requires_grad for n, p in model.named_parameters() if n.endswith(".weight") or n.endswith(".bias"))
-    with pytest.raises(ConfigError):
-        attach_experts(model, ("mlp.c_fc",), config)  # already attached
-    with pytest.raises(ConfigError):
-        attach_experts(tiny_gpt2(), ("mlp.nothing",), config)
+    with host.using(adapter) as model:
+        torch.testing.assert_close(model(input_ids=batch).logits, before)
+        lm_loss(model, batch).backward()
+        frozen = [p for n, p in model.named_parameters()
+                  if "lora_" not in n and n.rpartition(".")[2] not in EXPERT_TENSORS]
+    assert adapter[fc + "generalist_B"].grad.abs().sum() > 0 and adapter[fc + "specialist_B"].grad.abs().sum() > 0
+    assert frozen and all(not p.requires_grad for p in frozen)
 
 
-def test_pointing_slots_at_another_state_changes_outputs():
-    model = tiny_gpt2()
-    slots = attach_experts(model, ("mlp.c_fc", "mlp.c_proj"), ExpertLayerConfig(1, 1, rank=4, top_k=1))
-    placeholders = [s.module._parameters[s.attr] for s in slots]
+def test_attach_errors():
+    base, host = gpt2_host()
+    with pytest.raises(ConfigError, match="already holds experts"):
+        attach_experts(host.model, ["transformer.h.0.mlp.c_fc"], ExpertLayerConfig())
+    with pytest.raises(ConfigError, match="no module of the model matches"):
+        attach_adapters(base, LoraConfig(), ExpertsConfig(target_modules=("mlp.nothing",)))
+    with pytest.raises(ConfigError, match="no default for model family"):
+        attach_adapters(dataclasses.replace(base, family="bert"), LoraConfig(), ExpertsConfig())
+    with pytest.raises(ConfigError, match="experts wrap nn.Linear"):
+        attach_adapters(base, LoraConfig(), ExpertsConfig(target_modules=("mlp.act",)))
+
+
+def test_pointing_the_host_at_another_adapter_changes_outputs():
+    base, host = gpt2_host(top_k=1)
+    placeholders = [s.module._parameters[s.attr] for s in host.slots]
     batch = torch.randint(0, 64, (2, 16), generator=gen(0))
-    first = initial_expert_state(slots, gen(1))
+    first = host.initial_adapter(1, host.layout(4, 1, 1))
     second = {n: (t + 0.1 * torch.randn(t.shape, generator=gen(2)) if n.endswith("_B") else t)
               for n, t in first.items()}
     with torch.no_grad():
-        base = model(input_ids=batch).logits
-        with using_state(slots, first):
+        base_logits = base.model(input_ids=batch).logits
+        with host.using(first) as model:
             first_logits = model(input_ids=batch).logits
-        with using_state(slots, second):
+        with host.using(second) as model:
             second_logits = model(input_ids=batch).logits
-    torch.testing.assert_close(first_logits, base)
+    torch.testing.assert_close(first_logits, base_logits)
     assert not torch.allclose(second_logits, first_logits)
-    assert [s.module._parameters[s.attr] for s in slots] == placeholders
+    assert all(s.module._parameters[s.attr] is p for s, p in zip(host.slots, placeholders))
     with pytest.raises(KeyError):
-        with using_state(slots, {}):
+        with host.using({}):
             pass
-    assert [s.module._parameters[s.attr] for s in slots] == placeholders
+    assert all(s.module._parameters[s.attr] is p for s, p in zip(host.slots, placeholders))
 
 
-def test_initial_state_is_seeded_and_generalists_do_not_depend_on_specialists():
-    def state(specialists: int, seed: int):
-        slots = attach_experts(tiny_gpt2(), ("mlp.c_fc", "mlp.c_proj"), ExpertLayerConfig(1, specialists, rank=4))
-        return initial_expert_state(slots, gen(seed))
+def test_initial_adapter_is_seeded_and_generalists_do_not_depend_on_specialists():
+    _, host = gpt2_host()
 
-    one, again, two, other = state(1, 7), state(1, 7), state(2, 7), state(1, 8)
+    def adapter(specialists: int, seed: int):
+        return host.initial_adapter(seed, host.layout(4, 1, specialists))
+
+    def shared(state):
+        return {n for n in state if is_shared(n)}
+
+    one, again, two, other = adapter(1, 7), adapter(1, 7), adapter(2, 7), adapter(1, 8)
     assert all(torch.equal(one[n], again[n]) for n in one)
-    assert shared_state(one).keys() == shared_state(two).keys()
-    assert all(torch.equal(one[n], two[n]) for n in shared_state(one))
+    assert shared(one) == shared(two)
+    assert all(torch.equal(one[n], two[n]) for n in shared(one))
     assert any(not torch.equal(one[n], other[n]) for n in one if n.endswith("_A"))
     assert all(not one[n].any() for n in one if n.endswith("_B"))
-    assert set(shared_state(one)) | set(local_state(one)) == set(one)
-    assert all(n.endswith(("generalist_A", "generalist_B")) for n in shared_state(one))
+    local = set(one) - shared(one)
+    assert all(n.endswith(("generalist_A", "generalist_B", "lora_A", "lora_B")) for n in shared(one))
+    assert local and all(n.endswith(("specialist_A", "specialist_B", "router")) for n in local)
 
 
-def test_save_and_load_round_trip(tmp_path):
-    slots = attach_experts(tiny_gpt2(), ("mlp.c_fc",), ExpertLayerConfig(1, 2, rank=3), generator=gen(0))
-    state = {n: nn.Parameter(t + 1) for n, t in initial_expert_state(slots, gen(3)).items()}
-    save_state(tmp_path / "state.safetensors", state)
-    loaded = load_state(tmp_path / "state.safetensors")
+def test_an_adapter_round_trips_through_safetensors(tmp_path):
+    _, host = gpt2_host()
+    state = {n: nn.Parameter(t + 1) for n, t in host.initial_adapter(3, host.layout(3, 1, 2)).items()}
+    save_file({n: t.detach().contiguous() for n, t in state.items()}, str(tmp_path / "state.safetensors"))
+    loaded = load_file(str(tmp_path / "state.safetensors"))
     assert loaded.keys() == state.keys()
     assert all(torch.equal(loaded[n], state[n].detach()) and loaded[n].dtype == state[n].dtype for n in state)
 
@@ -338,10 +386,8 @@ def test_save_and_load_round_trip(tmp_path):
 # Bi-level training.
 
 def test_bilevel_training_does_not_leak_between_phases():
-    base = nn.Sequential(linear(6, 6, 0), nn.GELU(), linear(6, 6, 2))
-    config = ExpertLayerConfig(1, 2, rank=2, top_k=2)
-    slots = attach_experts(base, ("0", "2"), config)
-    params = {n: nn.Parameter(t) for n, t in initial_expert_state(slots, gen(0)).items()}
+    host = host_over(nn.Sequential(linear(6, 6, 0), nn.GELU(), linear(6, 6, 2)), ("0", "2"), rank=2, top_k=2)
+    params = {n: nn.Parameter(t) for n, t in host.initial_adapter(0, host.layout(2, 1, 2)).items()}
     router_params = [t for n, t in params.items() if is_router(n)]
     expert_params = [t for n, t in params.items() if not is_router(n)]
     optimizers = bilevel_optimizers(params, expert_lr=1e-2, router_lr=1e-2, weight_decay=0.1)
@@ -359,21 +405,21 @@ def test_bilevel_training_does_not_leak_between_phases():
 
     calls = []  # (phase, router values, expert values, all grads None) at every loss call
 
-    def recorder(phase):
+    def recorder(model, phase):
         def loss_fn(batch):
             calls.append((phase, [t.detach().clone() for t in router_params],
                           [t.detach().clone() for t in expert_params], all(t.grad is None for t in params.values())))
             inputs, wanted = batch
-            loss = F.mse_loss(base(inputs), wanted)
-            aux = mean_load_balancing_loss(base)
+            loss = F.mse_loss(model(inputs), wanted)
+            aux = mean_load_balancing_loss(model)
             return loss + 0.01 * aux if phase == "E" and aux is not None else loss
         return loss_fn
 
     for tensor in router_params:  # a stale router gradient from elsewhere must not survive
         tensor.grad = torch.ones_like(tensor)
-    with using_state(slots, params):
-        first = trainer.train_round(5, recorder("E"), batches(0), batches(3), router_loss=recorder("R"))
-        second = trainer.train_round(1, recorder("E"), batches(5), batches(7), router_loss=recorder("R"))
+    with host.using(params) as model:
+        first = trainer.train_round(5, recorder(model, "E"), batches(0), batches(3), router_loss=recorder(model, "R"))
+        second = trainer.train_round(1, recorder(model, "E"), batches(5), batches(7), router_loss=recorder(model, "R"))
 
     assert "".join(c[0] for c in calls) == "EERRREERRRE" + "ERRR"
     assert (first.expert_steps, first.router_steps, second.router_steps) == (5, 6, 3)

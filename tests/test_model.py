@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from p2pfed.model import lm_loss
+from p2pfed.model import lm_loss, matching_paths
 
 
 def test_initial_adapter_is_seeded_and_b_starts_at_zero(workspace):
@@ -12,6 +12,25 @@ def test_initial_adapter_is_seeded_and_b_starts_at_zero(workspace):
     assert a_names and any(not torch.equal(first[n], other[n]) for n in a_names)
     assert all(not first[n].any() for n in first if n.endswith("lora_B"))
     assert host.shapes() == {n: tuple(t.shape) for n, t in first.items()}
+
+
+def test_a_plain_host_has_no_expert_layers(workspace):
+    host = workspace.host
+    assert not host.expert_layers
+    assert {slot.kind for slot in host.slots} == {"lora_A", "lora_B"}
+    with pytest.raises(ValueError):
+        host.layout(8, generalists=1, specialists=1)
+
+
+def test_targets_are_dotted_suffixes_of_module_paths(workspace):
+    # One matcher for LoRA and expert targets: a suffix counts only at a dot.
+    model = workspace.host.model
+    layers = range(len(model.transformer.h))
+    assert matching_paths(model, ["mlp.c_proj"]) == [f"transformer.h.{i}.mlp.c_proj" for i in layers]
+    assert matching_paths(model, ["c_proj"]) == [f"transformer.h.{i}.{part}.c_proj" for i in layers
+                                                 for part in ("attn", "mlp")]
+    assert matching_paths(model, ["proj", "h.0.mlp.c"]) == []
+    assert matching_paths(model, ["transformer.h.0.mlp.c_fc"]) == ["transformer.h.0.mlp.c_fc"]
 
 
 def test_using_points_the_model_at_the_adapter_and_restores_it(workspace):
