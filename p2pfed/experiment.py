@@ -108,7 +108,7 @@ _worker_state: dict = {}  # one per worker process: its workspace and progress q
 
 def _worker_init(config: ExperimentConfig, queue) -> None:
     quiet_transformers()
-    torch.set_num_threads(1)  # two single-threaded workers beat one two-threaded process (compute-notes.md)
+    torch.set_num_threads(1)  # two 1-thread workers beat one 2-thread process (docs/compute.md, "Threads or processes")
     _worker_state["config"] = config
     _worker_state["queue"] = queue
     _worker_state["workspace"] = open_workspace(config, log=lambda *_: None)
