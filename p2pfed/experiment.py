@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import time
@@ -53,34 +54,44 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, progress: ProgressCa
     # Pretrain (or find in the cache) the base model once, before any worker needs it.
     load_base_model(config.model, log=log)
     jobs = [(scheme, seed) for seed in config.seeds for scheme in config.schemes]
-    results: list[JobResult] = []
     with open(run_dir / "events.jsonl", "w", encoding="utf-8") as events:
-        if config.runtime == "libp2p":
-            # Each job is already num_peers processes: jobs run one after another.
-            from p2pfed.launch import run_job_libp2p
-
-            workspace = open_workspace(config, log=log)
-            for scheme, seed in jobs:
-                label = job_label(scheme, seed)
-                results.append(run_job_libp2p(
-                    config, workspace, scheme, seed, run_dir,
-                    on_peer_done=lambda _name, label=label: progress and progress(label, config.training.rounds)))
-                _write_events(events, results[-1])
-        elif config.workers == 1:
-            torch.set_num_threads(1)
-            workspace = open_workspace(config, log=log)
-            for scheme, seed in jobs:
-                results.append(run_job(config, workspace, scheme, seed, _round_reporter(scheme, seed, progress)))
-                _write_events(events, results[-1])
-        else:
-            for result in _run_in_workers(config, jobs, progress):
-                results.append(result)
-                _write_events(events, result)
-    summary = report.summarize(config, results)
+        results = _run_jobs(config, jobs, run_dir, progress, log, lambda result: _write_events(events, result))
+    clean = []
+    if config.attack and config.compare_clean:
+        log("Running the same jobs without the attackers, for comparison")
+        clean = _run_jobs(dataclasses.replace(config, attack=()), jobs, run_dir / "clean", None, log, lambda _: None)
+    summary = report.summarize(config, results, clean)
     summary["wall_time_s"] = round(time.perf_counter() - started, 2)
     (run_dir / "results.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     report.draw_plots(summary, run_dir)
     return summary
+
+
+def _run_jobs(config: ExperimentConfig, jobs: list[tuple[str, int]], run_dir: Path, progress: ProgressCallback | None,
+              log, on_result: Callable[[JobResult], None]) -> list[JobResult]:
+    results: list[JobResult] = []
+    if config.runtime == "libp2p":
+        # Each job is already num_peers processes: jobs run one after another.
+        from p2pfed.launch import run_job_libp2p
+
+        workspace = open_workspace(config, log=log)
+        for scheme, seed in jobs:
+            label = job_label(scheme, seed)
+            results.append(run_job_libp2p(
+                config, workspace, scheme, seed, run_dir,
+                on_peer_done=lambda _name, label=label: progress and progress(label, config.training.rounds)))
+            on_result(results[-1])
+    elif config.workers == 1:
+        torch.set_num_threads(1)
+        workspace = open_workspace(config, log=log)
+        for scheme, seed in jobs:
+            results.append(run_job(config, workspace, scheme, seed, _round_reporter(scheme, seed, progress)))
+            on_result(results[-1])
+    else:
+        for result in _run_in_workers(config, jobs, progress):
+            results.append(result)
+            on_result(result)
+    return results
 
 
 def _round_reporter(scheme: str, seed: int, progress: ProgressCallback | None):

@@ -15,8 +15,9 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.pstdev(values) if len(values) > 1 else 0.0)
 
 
-def summarize(config: ExperimentConfig, results) -> dict:
-    """results.json: per scheme, test perplexity mean +- std over peers and seeds, per peer, trust, bytes."""
+def summarize(config: ExperimentConfig, results, clean_results=()) -> dict:
+    """results.json: per scheme, test perplexity mean +- std over peers and seeds, per peer, trust, bytes;
+    with attackers, the honest peers' figures (and those of the same jobs run clean, if given)."""
     schemes: dict[str, dict] = {}
     for scheme in config.schemes:
         jobs = [r for r in results if r.scheme == scheme]
@@ -40,6 +41,8 @@ def summarize(config: ExperimentConfig, results) -> dict:
             "missing_updates": sum(len(r.missing) for job in jobs for p in job.peers.values() for r in p.rounds),
             "by_profile": _by_profile(jobs),
         }
+        if config.attack:
+            schemes[scheme]["attack"] = _attack_summary(config, jobs, [r for r in clean_results if r.scheme == scheme])
     first = results[0]
     return {
         "schemes": schemes,
@@ -49,6 +52,24 @@ def summarize(config: ExperimentConfig, results) -> dict:
         "profiles": first.profiles,
         "edges": [list(edge) for edge in first.graph_edges],
     }
+
+
+def _attack_summary(config: ExperimentConfig, jobs, clean_jobs) -> dict:
+    """How the honest peers fared: their test perplexity, and the trust they put on attackers per round."""
+    attackers = sorted({name for attack in config.attack for name in attack.peers}, key=peer_index)
+    honest = [name for name in sorted(jobs[0].peers, key=peer_index) if name not in attackers]
+    mean, std = _mean_std([job.peers[n].final_test_ppl for job in jobs for n in honest])
+    rounds = sorted({r.round for r in jobs[0].peers[honest[0]].rounds if r.round > 0})
+    on_attackers = [statistics.fmean(sum(r.trust.get(a, 0.0) for a in attackers)
+                                     for job in jobs for n in honest for r in job.peers[n].rounds if r.round == k)
+                    for k in rounds]
+    summary = {"attackers": attackers, "kinds": sorted({a.kind for a in config.attack}),
+               "honest_test_ppl_mean": mean, "honest_test_ppl_std": std,
+               "attacker_trust": {"round": rounds, "mean": on_attackers}}
+    if clean_jobs:
+        clean_mean, clean_std = _mean_std([job.peers[n].final_test_ppl for job in clean_jobs for n in honest])
+        summary.update(clean_test_ppl_mean=clean_mean, clean_test_ppl_std=clean_std)
+    return summary
 
 
 def _by_profile(jobs) -> dict[str, dict[str, float]]:
@@ -101,9 +122,27 @@ def print_table(summary: dict, console=None) -> None:
         table.add_row(name, f"{row['test_ppl_mean']:.3f} ± {row['test_ppl_std']:.3f}", gain,
                       "-" if share is None else f"{share:.2f}", f"{row['bytes_sent'] / 1e6:.2f}", style=style)
     console.print(table)
+    if any("attack" in row for row in schemes.values()):
+        _print_attack_table(summary, console)
     profiles = next(iter(schemes.values())).get("by_profile", {})
     if len(profiles) > 1:
         _print_profile_table(summary, console)
+
+
+def _print_attack_table(summary: dict, console) -> None:
+    from rich.table import Table
+
+    rows = {name: row["attack"] for name, row in summary["schemes"].items()}
+    first = next(iter(rows.values()))
+    table = Table(title=f"Under attack ({', '.join(first['kinds'])} by {', '.join(first['attackers'])}): honest peers")
+    for column in ("scheme", "honest test ppl", "clean", "change", "trust on attackers, last round"):
+        table.add_column(column, justify="left" if column == "scheme" else "right")
+    for name, row in rows.items():
+        clean = row.get("clean_test_ppl_mean")
+        change = f"{100 * (row['honest_test_ppl_mean'] / clean - 1):+.2f}%" if clean else "-"
+        table.add_row(name, f"{row['honest_test_ppl_mean']:.3f} ± {row['honest_test_ppl_std']:.3f}",
+                      f"{clean:.3f}" if clean else "-", change, f"{row['attacker_trust']['mean'][-1]:.3f}")
+    console.print(table)
 
 
 def _print_profile_table(summary: dict, console) -> None:
@@ -134,7 +173,8 @@ def draw_plots(summary: dict, run_dir: str | Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
-    paths = [_curves(summary, run_dir, plt), _heatmaps(summary, run_dir, plt), _topology(summary, run_dir, plt)]
+    paths = [_curves(summary, run_dir, plt), _heatmaps(summary, run_dir, plt), _topology(summary, run_dir, plt),
+             _attacker_trust(summary, run_dir, plt)]
     return [p for p in paths if p is not None]
 
 
@@ -211,4 +251,25 @@ def _topology(summary, run_dir: Path, plt) -> Path:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+    return path
+
+
+def _attacker_trust(summary, run_dir: Path, plt) -> Path | None:
+    rows = {name: row["attack"] for name, row in summary["schemes"].items() if "attack" in row}
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    styles = ["-", "--", ":", "-."]
+    for i, (name, row) in enumerate(rows.items()):
+        ax.plot(row["attacker_trust"]["round"], row["attacker_trust"]["mean"], styles[i % len(styles)],
+                marker="o", label=name)
+    first = next(iter(rows.values()))
+    ax.set(xlabel="round", ylabel="weight on attackers (mean over honest peers)",
+           title=f"Trust on {', '.join(first['attackers'])} ({', '.join(first['kinds'])})")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = run_dir / "attacker_trust.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
     return path
