@@ -9,6 +9,7 @@ from pathlib import Path
 
 from p2pfed.checkpoint import CheckpointError
 from p2pfed.config import ConfigError
+from p2pfed.errors import first_error
 from p2pfed.load import load_experiment, load_peer
 
 
@@ -45,12 +46,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "id":
             return _id(args)
         return _report(args)
-    except (ConfigError, CheckpointError) as error:
-        print(f"p2pfed: configuration error: {error}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as error:
-        print(f"p2pfed: {error}", file=sys.stderr)
-        return 2
+    except BaseException as raised:
+        error = first_error(raised)  # trio wraps a peer's error in one ExceptionGroup per nursery
+        if isinstance(error, (ConfigError, CheckpointError)):
+            print(f"p2pfed: configuration error: {error}", file=sys.stderr)
+            return 2
+        if isinstance(error, OSError):  # a missing file, a state_dir that is a file, an address in use
+            print(f"p2pfed: {error}", file=sys.stderr)
+            return 2
+        raise
 
 
 def _run(args) -> int:

@@ -28,6 +28,7 @@ from torch import nn
 
 from p2pfed.config import ConfigError, PeerConfig, peer_index
 from p2pfed.data import PeerData
+from p2pfed.experts import is_shared
 from p2pfed.job import attacked, initial_adapter, open_workspace, peer_data, peer_spec
 from p2pfed.loop import PeerHooks, PeerLoop, PeerSpec
 from p2pfed.model import AdapterHost, BaseModel
@@ -171,7 +172,13 @@ class Peer:
         # Loading and tokenizing block for seconds: off the event loop, so the app keeps running.
         self.prepared = await trio.to_thread.run_sync(prepare_peer, config)
         neighbours = {n.peer_id: list(n.addrs) for n in config.neighbours}
-        limits = TransportLimits(max_message_bytes=config.network.max_message_bytes)
+        # A neighbour may have about two updates of this peer's size waiting (at least 1 MiB): a flood
+        # from one neighbour is held back instead of filling memory.
+        update_bytes = len(wire.encode_update(wire.UpdateMessage(
+            sender=config.name, round=0, tensors={n: t for n, t in self.prepared.initial_adapter.items()
+                                                  if is_shared(n)}), config.network.encoding))
+        limits = TransportLimits(max_message_bytes=config.network.max_message_bytes,
+                                 max_buffered_bytes_per_neighbour=max(2 * update_bytes, 1 << 20))
         self._stack = contextlib.AsyncExitStack()
         await self._stack.__aenter__()
         try:

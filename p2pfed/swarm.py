@@ -9,6 +9,7 @@ import trio
 import trio.testing
 
 from p2pfed.config import ExperimentConfig
+from p2pfed.errors import first_error
 from p2pfed.job import JobResult, Workspace, attacked, initial_adapter, job_setup, peer_specs
 from p2pfed.loop import PeerHooks, PeerLoop
 from p2pfed.net.memory import InMemoryNetwork
@@ -43,14 +44,6 @@ def run_job(config: ExperimentConfig, workspace: Workspace, scheme: str, seed: i
     except BaseExceptionGroup as group:
         raise first_error(group) from group
     return JobResult.of(config, scheme, seed, graph, data, results)
-
-
-def first_error(group: BaseExceptionGroup) -> BaseException:
-    """The first leaf of trio's nested exception groups: a peer's own error, not the nurseries around it."""
-    error: BaseException = group
-    while isinstance(error, BaseExceptionGroup):
-        error = error.exceptions[0]
-    return error
 
 
 async def _run_into(peer: PeerLoop, results: dict[str, PeerResult]) -> None:
