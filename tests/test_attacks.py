@@ -15,8 +15,8 @@ from tests.conftest import small_config
 ATTACKER = "peer3"
 
 
-def attacked_config(kind: str, *overrides: str):
-    return small_config("training.rounds=2", "training.local_steps=10",
+def attacked_config(kind: str, *overrides: str, local_steps: int = 10):
+    return small_config("training.rounds=2", f"training.local_steps={local_steps}",
                         f'attack=[{{peers=["{ATTACKER}"], kind="{kind}", factor={10 if kind == "noise" else 100}}}]',
                         *overrides)
 
@@ -30,7 +30,7 @@ def weight_on_attacker(result, round_index: int) -> float:
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ATTACK_KINDS)
 def test_no_scheme_crashes_under_any_attack(workspace, kind):
-    config = attacked_config(kind, 'trust.fedavg_weights="metropolis_hastings"')
+    config = attacked_config(kind, 'trust.fedavg_weights="metropolis_hastings"', local_steps=2)
     for scheme in ("fedavg", "weights", "predictions", "median", "krum"):
         result = run_job(config, workspace, scheme, seed=0)
         honest = [p for name, p in result.peers.items() if name != ATTACKER]
