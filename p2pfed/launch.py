@@ -18,7 +18,8 @@ from pathlib import Path
 import tomli_w
 
 from p2pfed.attacks import attack_of
-from p2pfed.config import AttackConfig, ExperimentConfig, NeighbourConfig, PeerConfig, peer_name, to_dict
+from p2pfed.config import AttackConfig, ExperimentConfig, NeighbourConfig, PeerConfig, peer_name
+from p2pfed.load import to_dict
 from p2pfed.job import JobResult, Workspace, job_setup
 from p2pfed.seeding import derive_seed
 from p2pfed.topology import neighbours

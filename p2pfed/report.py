@@ -7,7 +7,8 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-from p2pfed.config import ExperimentConfig, peer_index, to_dict
+from p2pfed.config import ExperimentConfig, peer_index
+from p2pfed.load import to_dict
 from p2pfed.strategies import parse_scheme
 
 

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Literal
 
 import networkx as nx
 
-from p2pfed.config import TOPOLOGY_PARAMS, ConfigError, TopologyConfig, from_dict
-from p2pfed.load import resolve_topology
+from p2pfed.config import TOPOLOGY_PARAMS, ConfigError, TopologyConfig
 from p2pfed.seeding import derive_seed
 
 MixingKind = Literal["uniform", "metropolis_hastings"]
@@ -47,13 +46,6 @@ def graph_at_round(config: TopologyConfig, num_peers: int, seed: int, round_inde
         raise ValueError(f"round_index must be a non-negative integer, got {round_index!r}")
     # A hash rather than seed + period, so that neighbouring experiment seeds share no graphs.
     return _build(config, params, num_peers, derive_seed(base, "topology", round_index // resample_every))
-
-
-def load_topology(path: str | Path) -> TopologyConfig:
-    """A topologies/*.toml file; a relative edge-list `path` is taken from the file's folder."""
-    config = from_dict(TopologyConfig, resolve_topology(str(path), Path.cwd()), "topology")
-    config.checked_params()  # unknown generators and parameters fail at load time, not mid-run
-    return config
 
 
 def _base_seed(config: TopologyConfig, seed: int) -> int:

@@ -9,12 +9,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2pfed.config import ConfigError, TopologyConfig, peer_index, peer_name
+from p2pfed.load import load_topology
 from p2pfed.trust import metropolis_hastings_weights
 from p2pfed.topology import (
     TopologyWarning,
     build_graph,
     graph_at_round,
-    load_topology,
     mixing_weights,
     neighbours,
 )

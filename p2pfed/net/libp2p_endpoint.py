@@ -58,6 +58,7 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from multiaddr import Multiaddr
 
+from p2pfed.config import NetworkConfig
 from p2pfed.net.fastpath import security_options, use_fast_stream
 from p2pfed.net.framing import ACK, PROTOCOL_ID, STREAM_ERRORS, frame_pieces, read_upto, reset_stream
 from p2pfed.net.identity import dial_addrs, parse_peer_id
@@ -75,7 +76,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TransportLimits:
-    max_message_bytes: int = 256 * 1024 * 1024  # frames declaring a longer body are refused unread
+    max_message_bytes: int = NetworkConfig.max_message_bytes  # frames declaring a longer body are refused unread
     send_timeout_s: float = 60.0  # one send: dial, open the stream, write, wait for the ack
     receive_timeout_s: float = 60.0  # one inbound frame: header, body and a place in the inbox
     write_stall_s: float = 10.0  # the most one ~1 MiB chunk may take; past it the connection is dropped
