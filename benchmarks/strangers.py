@@ -28,19 +28,11 @@ import time
 from pathlib import Path
 
 import trio
-from libp2p.crypto.ed25519 import create_new_key_pair
-from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.peer.id import ID
-from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
-from libp2p.security.noise.transport import Transport as NoiseTransport
-from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
-from libp2p.stream_muxer.yamux.yamux import Yamux
-from libp2p.transport.tcp.tcp import TCP
-from libp2p.transport.upgrader import TransportUpgrader
-from multiaddr import Multiaddr
 
 from p2pfed.net.identity import identity_from_seed, peer_id_of
 from p2pfed.net.libp2p_endpoint import open_libp2p_endpoint
+from p2pfed.net.stranger import dial_strangers
 
 COUNT = 3_000
 WAVE = 50  # strangers dialling at once
@@ -65,43 +57,10 @@ def rss_mb() -> float:
 # Stranger process: dial in waves, print a line of outcomes per batch of strangers
 
 
-async def _stranger(addr: str, target: ID) -> str:
-    key_pair = create_new_key_pair()
-    upgrader = TransportUpgrader({NOISE_PROTOCOL_ID: NoiseTransport(key_pair, create_x25519_key_pair().private_key)},
-                                 {YAMUX_PROTOCOL_ID: Yamux})
-    try:
-        raw = await TCP().dial(Multiaddr(addr))
-    except Exception as error:
-        return f"dial failed: {type(error).__name__}"
-    try:
-        with trio.move_on_after(10.0):
-            secured = await upgrader.upgrade_security(raw, True, target)
-            try:
-                await upgrader.upgrade_connection(secured, target)
-            except Exception:
-                return "hung up after Noise"
-            return "connected"
-        return "timed out"
-    except Exception as error:
-        return f"failed: {type(error).__name__}"
-    finally:
-        await raw.close()
-
-
 async def _run_strangers(addr: str, peer_id: str, batches: list[int], wave: int) -> None:
     target = ID.from_base58(peer_id)
     for size in batches:
-        outcomes: dict[str, int] = {}
-
-        async def one() -> None:
-            outcome = await _stranger(addr, target)
-            outcomes[outcome] = outcomes.get(outcome, 0) + 1
-
-        for start in range(0, size, wave):
-            async with trio.open_nursery() as nursery:
-                for _ in range(min(wave, size - start)):
-                    nursery.start_soon(one)
-        print(json.dumps(outcomes), flush=True)
+        print(json.dumps(await dial_strangers(addr, target, size, wave)), flush=True)
         sys.stdin.readline()  # the endpoint has sampled its memory: next batch
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import networkx as nx
 import torch
 
-from p2pfed.attacks import AttackEndpoint, attack_of
+from p2pfed.attacks import AttackEndpoint
 from p2pfed.config import AttackConfig, ConfigError, ExperimentConfig, PeerProfile, peer_index, peer_name
 from p2pfed.data import PeerData, load_group_texts, make_peer_data, tokenize_groups
 from p2pfed.experts import is_shared
@@ -105,10 +105,9 @@ def peer_data(config: ExperimentConfig, tokens: Mapping[str, torch.Tensor], seed
     return data
 
 
-def attacked(endpoint: Endpoint, config: ExperimentConfig | AttackConfig | None, spec: PeerSpec,
+def attacked(endpoint: Endpoint, attack: AttackConfig | None, spec: PeerSpec,
              initial: Mapping[str, torch.Tensor]) -> Endpoint:
-    """`endpoint`, or an AttackEndpoint around it when the experiment (or peer) makes this peer attack."""
-    attack = config if isinstance(config, AttackConfig) or config is None else attack_of(config.attack, spec.name)
+    """`endpoint`, or an AttackEndpoint around it when this peer attacks its neighbours."""
     if attack is None:
         return endpoint
     shared = {n: t for n, t in initial.items() if is_shared(n)}

@@ -27,7 +27,15 @@ from p2pfed.model import AdapterHost, AdapterLayout, trainable_copy
 from p2pfed.net import wire
 from p2pfed.net.transport import Endpoint
 from p2pfed.records import PeerResult, RoundRecord
-from p2pfed.strategies import AGGREGATORS, TRUST_RULES, AggregationInputs, Scheme, TrustInputs, trust_weights
+from p2pfed.strategies import (
+    AGGREGATORS,
+    TRUST_RULES,
+    AggregationInputs,
+    Scheme,
+    TrustInputs,
+    TrustRule,
+    trust_weights,
+)
 from p2pfed.training import LocalTrainer, make_trainer
 
 log = logging.getLogger(__name__)
@@ -187,7 +195,9 @@ class PeerLoop:
             await self._collect(inbox, round_index, expected_shapes, self._norm_bound(adapter))
             usable = inbox.for_round(round_index)
             missing = tuple(n for n in spec.neighbours if n not in usable or usable[n].round != round_index)
-            weights = await compute(partial(self._weights, adapter, usable))
+            rule = TRUST_RULES[spec.scheme.trust]
+            run = compute if rule.runs_model else self.hooks.offload
+            weights = await run(partial(self._weights, rule, adapter, usable))
             await compute(partial(self._aggregate, adapter, usable, weights))
         evaluate_now = round_index % training.eval_every == 0 or round_index == training.rounds
         test_ppl = await compute(partial(self._test_ppl, adapter)) if evaluate_now else None
@@ -300,14 +310,14 @@ class PeerLoop:
         # An untrained peer has no scale to compare with yet.
         return ratio * own if own > 0 else math.inf
 
-    def _weights(self, adapter, received: Mapping[str, wire.UpdateMessage]) -> dict[str, float]:
+    def _weights(self, rule: TrustRule, adapter, received: Mapping[str, wire.UpdateMessage]) -> dict[str, float]:
         spec = self.spec
         inputs = TrustInputs(
             peer=spec.name, own={name: p.detach() for name, p in adapter.items()}, initial=self.initial_adapter,
             received=received, degree=len(spec.neighbours), train_tokens=int(self.data.train.numel()),
             settings=spec.trust, host=self.host, val=self.data.val, mixed_ranks=self.flexible_rank,
             oracle_mixtures=spec.oracle_mixtures)
-        return trust_weights(TRUST_RULES[spec.scheme.trust], inputs)
+        return trust_weights(rule, inputs)
 
     def _aggregate(self, adapter, received: Mapping[str, wire.UpdateMessage], weights: Mapping[str, float]) -> None:
         own = {name: p.detach() for name, p in adapter.items() if is_shared(name)}

@@ -174,9 +174,7 @@ class Peer:
         neighbours = {n.peer_id: list(n.addrs) for n in config.neighbours}
         # A neighbour may have about two updates of this peer's size waiting (at least 1 MiB): a flood
         # from one neighbour is held back instead of filling memory.
-        update_bytes = len(wire.encode_update(wire.UpdateMessage(
-            sender=config.name, round=0, tensors={n: t for n, t in self.prepared.initial_adapter.items()
-                                                  if is_shared(n)}), config.network.encoding))
+        update_bytes = wire.tensor_bytes({n: t for n, t in self.prepared.initial_adapter.items() if is_shared(n)})
         limits = TransportLimits(max_message_bytes=config.network.max_message_bytes,
                                  max_buffered_bytes_per_neighbour=max(2 * update_bytes, 1 << 20))
         self._stack = contextlib.AsyncExitStack()

@@ -15,6 +15,7 @@ docs/extending.md shows how to add one.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -22,7 +23,8 @@ from typing import TYPE_CHECKING
 from torch import Tensor
 
 from p2pfed import aggregate, robust, trust
-from p2pfed.config import ConfigError, ExperimentConfig, TrustConfig
+from p2pfed.config import ConfigError, ExperimentConfig, TemperatureConfig, TrustConfig
+from p2pfed.experts import is_shared
 
 if TYPE_CHECKING:
     from p2pfed.model import AdapterHost
@@ -55,8 +57,6 @@ class TrustInputs:
         return sorted(self.received)
 
     def shared_own(self) -> dict[str, Tensor]:
-        from p2pfed.experts import is_shared
-
         return {name: t for name, t in self.own.items() if is_shared(name)}
 
     def candidates(self) -> dict[str, dict[str, Tensor]]:
@@ -73,7 +73,9 @@ class TrustRule:
     # The field of trust.temperature whose value softmaxes this rule's scores; None: `compute` returns
     # weights already (a probability vector over the peer and its neighbours).
     temperature: str | None = None
-    runs_model: bool = False  # scores need forward passes (the networked peer runs them off the event loop)
+    # Scores need forward passes: the networked peer then runs the rule holding the model; other rules run
+    # beside the app's own use of the model.
+    runs_model: bool = False
 
 
 TRUST_RULES: dict[str, TrustRule] = {}
@@ -84,6 +86,10 @@ def trust_rule(name: str, *, temperature: str | None = None, runs_model: bool = 
     def register(compute: Callable[[TrustInputs], Weights]) -> Callable[[TrustInputs], Weights]:
         if name in TRUST_RULES or ":" in name:
             raise ValueError(f"trust rule {name!r} is registered already, or has a colon in its name")
+        known = [f.name for f in dataclasses.fields(TemperatureConfig)]
+        if temperature is not None and temperature not in known:
+            raise ValueError(f"trust rule {name!r}: temperature {temperature!r} is not a field of trust.temperature "
+                             f"({', '.join(known)})")
         TRUST_RULES[name] = TrustRule(name, compute, temperature, runs_model)
         return compute
     return register

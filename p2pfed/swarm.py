@@ -8,6 +8,7 @@ from pathlib import Path
 import trio
 import trio.testing
 
+from p2pfed.attacks import attack_of
 from p2pfed.config import ExperimentConfig
 from p2pfed.errors import first_error
 from p2pfed.job import JobResult, Workspace, attacked, initial_adapter, job_setup, peer_specs
@@ -28,7 +29,7 @@ def run_job(config: ExperimentConfig, workspace: Workspace, scheme: str, seed: i
     peers = []
     for spec, d in zip(specs, data):
         initial = initial_adapter(host, spec)
-        endpoint = attacked(network.endpoint(spec.name), config, spec, initial)
+        endpoint = attacked(network.endpoint(spec.name), attack_of(config.attack, spec.name), spec, initial)
         peers.append(PeerLoop(spec, host, d, endpoint, initial, PeerHooks(on_round=on_round)))
     results: dict[str, PeerResult] = {}
 

@@ -1,5 +1,4 @@
 import math
-import statistics
 
 import pytest
 import torch

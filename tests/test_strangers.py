@@ -12,22 +12,16 @@ import pytest
 import trio
 from libp2p import new_host
 from libp2p.crypto.ed25519 import create_new_key_pair
-from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.exceptions import SwarmException
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
-from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
-from libp2p.security.noise.transport import Transport as NoiseTransport
-from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
-from libp2p.stream_muxer.yamux.yamux import Yamux
-from libp2p.transport.tcp.tcp import TCP
-from libp2p.transport.upgrader import TransportUpgrader
 from multiaddr import Multiaddr
 
 from p2pfed.net.framing import PROTOCOL_ID
 from p2pfed.net.identity import identity_from_seed, peer_id_of
 from p2pfed.net.libp2p_endpoint import open_libp2p_endpoint
+from p2pfed.net.stranger import dial_strangers
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
@@ -44,41 +38,6 @@ def run(test, seconds: float = 30.0) -> None:
 def rss_bytes() -> int:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * PAGE_BYTES
-
-
-async def stranger(addr: str, target: ID) -> str:
-    """Dial `addr` as a new random identity, run Noise (and then Yamux, if still connected); how far it got."""
-    key_pair = create_new_key_pair()
-    upgrader = TransportUpgrader({NOISE_PROTOCOL_ID: NoiseTransport(key_pair, create_x25519_key_pair().private_key)},
-                                 {YAMUX_PROTOCOL_ID: Yamux})
-    raw = await TCP().dial(Multiaddr(addr))
-    try:
-        with trio.move_on_after(5.0):
-            secured = await upgrader.upgrade_security(raw, True, target)
-            try:
-                await upgrader.upgrade_connection(secured, target)
-            except Exception:
-                return "hung up after Noise"
-            return "connected"
-        return "timed out"
-    except Exception as error:
-        return f"failed: {type(error).__name__}"
-    finally:
-        await raw.close()
-
-
-async def strangers(addr: str, target: ID, count: int, wave: int = 50) -> dict[str, int]:
-    outcomes: dict[str, int] = {}
-
-    async def one() -> None:
-        outcome = await stranger(addr, target)
-        outcomes[outcome] = outcomes.get(outcome, 0) + 1
-
-    for start in range(0, count, wave):
-        async with trio.open_nursery() as nursery:
-            for _ in range(min(wave, count - start)):
-                nursery.start_soon(one)
-    return outcomes
 
 
 def inbound_slots_taken(endpoint) -> int:
@@ -100,11 +59,11 @@ def test_three_hundred_strangers_leave_a_neighbour_able_to_deliver_at_a_bounded_
     async def main():
         async with open_libp2p_endpoint(kb, LOOPBACK, {a_id: []}) as b:
             target, addr = ID.from_base58(b_id), b.listen_addrs[0]
-            assert await strangers(addr, target, 20) == {"hung up after Noise": 20}  # warm-up: first-use costs
+            assert await dial_strangers(addr, target, 20) == {"hung up after Noise": 20}  # warm-up: first-use costs
             before = rss_bytes()
             # py-libp2p 0.8.1 alone would have taken all 250 inbound slots for good by the 250th, and
             # kept ~2 MB per stranger (its session buffers) for the host's life.
-            assert await strangers(addr, target, 300) == {"hung up after Noise": 300}
+            assert await dial_strangers(addr, target, 300) == {"hung up after Noise": 300}
             grown = rss_bytes() - before
             assert grown < 30_000_000, f"RSS grew {grown / 1e6:.1f} MB for 300 strangers"
             assert b.strangers_refused == 320

@@ -9,6 +9,7 @@
     inbound          the receive side: frames from neighbours, each neighbour's buffer budget
     inbound_slots    a fix for py-libp2p 0.8.1's inbound connection limiter, which never got slots back
     listening        listen addresses checked before and after start (ListenError)
+    stranger         dialling a peer as a stranger, for tests and benchmarks
     fastpath         faster Noise and Yamux data paths for p2pfed's own streams
 
 Nothing here imports the model or the peer loop; the in-memory network does not import libp2p.
