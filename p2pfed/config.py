@@ -281,10 +281,13 @@ class ExperimentConfig(Sections):
         _check(len(self.seeds) >= 1, "seeds", "needs at least one seed")
         _check(len(self.schemes) >= 1, "schemes", "needs at least one scheme")
         _check(len(set(self.schemes)) == len(self.schemes), "schemes", "lists a scheme twice")
+        _check_finite(self)  # NaN or inf in any number crashes later, or silently poisons the weights
         _check(self.workers >= 1, "workers", "must be at least 1")
         _check(self.model.context >= 8, "model.context", "must be at least 8")
         _check(self.model.n_embd % self.model.n_head == 0, "model.n_embd", "must be a multiple of model.n_head")
         _check(self.lora.rank >= 1, "lora.rank", "must be at least 1")
+        _check(self.lora.alpha > 0, "lora.alpha", "must be positive (0 would switch every adapter off)")
+        _check(self.model.pretrain_lr > 0, "model.pretrain_lr", "must be positive")
         for i, profile in enumerate(self.profiles):
             _check(profile.rank is None or profile.rank >= 1, f"profiles[{i}].rank", "must be at least 1")
             _check(profile.specialists is None or profile.specialists >= 1, f"profiles[{i}].specialists",
@@ -313,10 +316,13 @@ class ExperimentConfig(Sections):
         _check(t.warmup_steps >= 0, "training.warmup_steps", "must not be negative")
         _check(t.batch_size >= 1, "training.batch_size", "must be at least 1")
         _check(t.lr > 0, "training.lr", "must be positive")
+        _check(t.weight_decay >= 0, "training.weight_decay", "must not be negative")
         _check(t.eval_every >= 1, "training.eval_every", "must be at least 1")
         for scheme, tau in dataclasses.asdict(self.trust.temperature).items():
             _check(tau > 0, f"trust.temperature.{scheme}", "must be positive")
         _check(self.trust.top_k >= 0, "trust.top_k", "must not be negative")
+        threshold = self.trust.threshold
+        _check(threshold is None or 0 <= threshold < 1, "trust.threshold", "must be in [0, 1)")
         _check(self.trust.predictions_top_k >= 1, "trust.predictions_top_k", "must be at least 1")
         _check(self.trust.max_norm_ratio >= 0, "trust.max_norm_ratio", "must not be negative (0 turns it off)")
         _check(0 <= self.trust.trim_fraction < 0.5, "trust.trim_fraction", "must be in [0, 0.5)")
@@ -376,6 +382,7 @@ class PeerConfig(Sections):
 
     def validate(self) -> "PeerConfig":
         self.as_experiment().validate()
+        _check_finite(self)
         _check(peer_index(self.name) < self.num_peers, "name", f"must be one of peer0..peer{self.num_peers - 1}")
         _check(self.checkpoint_every >= 1, "checkpoint_every", "must be at least 1")
         _check(self.startup_timeout_s >= 0, "startup_timeout_s", "must not be negative")
@@ -386,6 +393,19 @@ class PeerConfig(Sections):
         _check(len(set(names)) == len(names), "neighbours", "lists a neighbour twice")
         _check(self.name not in names, "neighbours", "lists the peer itself")
         return self
+
+
+def _check_finite(config: Any, where: str = "") -> None:
+    """Every float of `config` (nested sections included) is a finite number."""
+    for f in dataclasses.fields(config):
+        value, key = getattr(config, f.name), f"{where}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, key + ".")
+        elif isinstance(value, tuple) and value and dataclasses.is_dataclass(value[0]):
+            for i, item in enumerate(value):
+                _check_finite(item, f"{key}[{i}].")
+        elif isinstance(value, float):
+            _check(math.isfinite(value), key, f"must be a finite number, got {value}")
 
 
 def _check(ok: bool, key: str, message: str) -> None:

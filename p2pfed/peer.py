@@ -94,13 +94,50 @@ def key_pair_of(config: PeerConfig):
     from p2pfed.net.identity import identity_from_file, identity_from_seed
 
     if config.key_file:
-        return identity_from_file(config.key_file)
+        return _key_from_file(identity_from_file, config.key_file, "key_file")
     if config.identity_seed is not None:
         return identity_from_seed(config.identity_seed)
     if config.state_dir:
         Path(config.state_dir).mkdir(parents=True, exist_ok=True)
-        return identity_from_file(Path(config.state_dir) / IDENTITY_FILE)
+        return _key_from_file(identity_from_file, Path(config.state_dir) / IDENTITY_FILE, "state_dir")
     raise ConfigError("key_file: a networked peer needs an identity: set key_file, identity_seed or state_dir")
+
+
+def _key_from_file(read, path, key: str):
+    try:
+        return read(path)
+    except (ValueError, OSError) as error:
+        raise ConfigError(f"{key}: {error}") from error
+
+
+def check_addresses(config: PeerConfig, own_id: str) -> None:
+    """Listen addresses, neighbours' peer IDs and addresses: configuration errors before any work starts."""
+    from multiaddr import Multiaddr
+
+    from p2pfed.net.identity import dial_addrs, parse_peer_id
+
+    for i, addr in enumerate(config.listen):
+        try:
+            Multiaddr(addr)
+        except Exception as error:
+            raise ConfigError(f"listen[{i}]: {addr!r} is not a multiaddr ({error})") from error
+    seen: set[str] = set()
+    for i, neighbour in enumerate(config.neighbours):
+        where = f"neighbours[{i}] ({neighbour.name})"
+        try:
+            parse_peer_id(neighbour.peer_id)
+        except ValueError as error:
+            raise ConfigError(f"{where}.peer_id: {neighbour.peer_id!r} is not a libp2p peer ID "
+                              f"(`p2pfed id PEER.toml` prints a peer's ID)") from error
+        if neighbour.peer_id == own_id:
+            raise ConfigError(f"{where}.peer_id: {own_id} is this peer's own ID")
+        if neighbour.peer_id in seen:
+            raise ConfigError(f"{where}.peer_id: {neighbour.peer_id} is listed for two neighbours")
+        seen.add(neighbour.peer_id)
+        try:
+            dial_addrs(neighbour.peer_id, neighbour.addrs)
+        except Exception as error:
+            raise ConfigError(f"{where}.addrs: {error}") from error
 
 
 @dataclass
@@ -165,8 +202,12 @@ class Peer:
     async def __aenter__(self) -> "Peer":
         from p2pfed.net.libp2p_endpoint import TransportLimits, open_libp2p_endpoint
 
+        from p2pfed.net.identity import peer_id_of
+
         config = self.config.validate()
         check_schemes(config.as_experiment())
+        key_pair = key_pair_of(config)
+        check_addresses(config, peer_id_of(key_pair))
         if config.threads:
             torch.set_num_threads(config.threads)
         # Loading and tokenizing block for seconds: off the event loop, so the app keeps running.
@@ -181,7 +222,7 @@ class Peer:
         await self._stack.__aenter__()
         try:
             self.endpoint = await self._stack.enter_async_context(
-                open_libp2p_endpoint(key_pair_of(config), list(config.listen), neighbours, limits))
+                open_libp2p_endpoint(key_pair, list(config.listen), neighbours, limits))
             nursery = await self._stack.enter_async_context(trio.open_nursery())
             self._stop = nursery.cancel_scope  # leaving the block early cancels the rounds
             nursery.start_soon(self._run)

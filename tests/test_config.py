@@ -40,6 +40,17 @@ def test_unknown_key_names_its_path(tmp_path):
     ("network.drop_prob=1.0", r"network\.drop_prob: must be in \[0, 1\)"),
     ("model.n_embd=65", r"model\.n_embd: must be a multiple of model\.n_head"),
     ("lora=3", r"lora: expected a table"),
+    # Values that used to pass the check and crash (or poison the weights) rounds later:
+    ("training.lr=inf", r"training\.lr: must be a finite number"),
+    ("trust.temperature.predictions=nan", r"trust\.temperature\.predictions: must be a finite number"),
+    ("trust.threshold=nan", r"trust\.threshold: must be a finite number"),
+    ("trust.threshold=1.5", r"trust\.threshold: must be in \[0, 1\)"),
+    ("training.weight_decay=-0.1", r"training\.weight_decay: must not be negative"),
+    ("lora.alpha=0", r"lora\.alpha: must be positive"),
+    ("data.dirichlet_alpha=inf", r"data\.dirichlet_alpha: must be a finite number"),
+    ('attack=[{peers=["peer1"], factor=nan}]', r"attack\[0\]\.factor: must be a finite number"),
+    ('attack=[{peers=["peer9"]}]', r"attack\[0\]\.peers: peer9 is not one of peer0\.\.peer7"),
+    ('schemes=["median:validation"]', r"'median' ignores trust"),
 ])
 def test_bad_values_give_clear_errors(assignment, message):
     with pytest.raises(ConfigError, match=message):

@@ -63,12 +63,21 @@ def peer_id_of(key_pair: KeyPair) -> str:
     return ID.from_pubkey(key_pair.public_key).to_base58()
 
 
+# A peer ID is a multihash of the public key: "identity" (0x00) for small keys such as Ed25519, else sha2-256.
+_MULTIHASH_CODES = (0x00, 0x12)
+
+
 @functools.lru_cache(maxsize=1024)  # base58 decoding costs ~15 us a send
 def parse_peer_id(peer_id: str) -> ID:
     try:
-        return ID.from_base58(peer_id)
+        parsed = ID.from_base58(peer_id)
     except Exception as error:  # base58 raises ValueError; short inputs other things
         raise ValueError(f"{peer_id!r} is not a peer ID: {error}") from error
+    # Any base58 text decodes to some bytes: check that they are a multihash as well.
+    raw = parsed.to_bytes()
+    if len(raw) < 2 or raw[0] not in _MULTIHASH_CODES or len(raw) != 2 + raw[1]:
+        raise ValueError(f"{peer_id!r} is not a peer ID: not a multihash of a public key")
+    return parsed
 
 
 def dial_addrs(peer_id: str, addrs: Iterable[str | Multiaddr]) -> list[Multiaddr]:
