@@ -169,7 +169,8 @@ def test_a_networked_peer_drops_bad_frames_from_a_raw_libp2p_client_and_keeps_ru
     peer_key_seed = 300
     peer_id = peer_id_of(identity_from_seed(peer_key_seed))
     config = load_peer(None, [
-        'name="peer0"', "num_peers=2", 'scheme="fedavg"', f"identity_seed={peer_key_seed}",
+        'name="peer0"', "num_peers=2", 'scheme="fedavg"', 'trust.fedavg_weights="metropolis_hastings"',
+        f"identity_seed={peer_key_seed}",
         f'listen=["{loopback_addr(ports[0])}"]', "training.rounds=1", "training.local_steps=1",
         "network.round_timeout_s=30", "data.train_blocks=16", "data.val_blocks=4", "data.test_blocks=4",
         f'neighbours=[{{name="peer1", peer_id="{peer_id_of(raw_key)}", addrs=["{loopback_addr(ports[1])}"]}}]'])
@@ -183,21 +184,27 @@ def test_a_networked_peer_drops_bad_frames_from_a_raw_libp2p_client_and_keeps_ru
                     good = {n: t + 1e-3 for n, t in peer.prepared.initial_adapter.items()}
                     name = next(iter(good))
 
-                    def encode(tensors):
-                        return wire.encode_update(wire.UpdateMessage(sender="peer1", round=1, tensors=tensors))
+                    def encode(tensors, **metadata):
+                        return wire.encode_update(wire.UpdateMessage(sender="peer1", round=1, tensors=tensors,
+                                                                     **metadata))
 
+                    # Each of these once killed a peer, or was let through: garbage, truncated, wrong shape,
+                    # NaN, a list nested 1,000 deep, finite extremes (3e38), a claim of 2**63 samples.
                     for bad in (b"\x00garbage", encode(good)[:-7], encode({**good, name: torch.zeros(3, 3)}),
-                                _with_nan(encode(good))):
+                                _with_nan(encode(good)), b"\x91" * 1000 + b"\xc0",
+                                encode({n: torch.full_like(t, 3e38) for n, t in good.items()}),
+                                encode(good, num_samples=2**63)):
                         await raw.send(peer_id, bad)
-                    await raw.send(peer_id, encode(good))
+                    await raw.send(peer_id, encode(good, degree=0))  # a lie Metropolis-Hastings must survive
                     return await peer.finished()
 
     with caplog.at_level(logging.WARNING, logger="p2pfed"):
         result = trio.run(app)
-    assert result.rounds[1].trust == {"peer0": 0.5, "peer1": 0.5}  # the good update, after four bad ones
+    assert result.rounds[1].trust == {"peer0": 0.5, "peer1": 0.5}  # the good update, after seven bad ones
     text = caplog.text
-    assert text.count("dropped a bad update from peer1") == 4
-    assert "non-finite" in text and "shape" in text
+    assert text.count("dropped a bad update from peer1") == 7
+    assert "non-finite" in text and "shape" in text and "nests" in text and "max_abs_value" in text
+    assert "num_samples" in text
 
 
 def test_leaving_the_block_at_once_stops_the_peer_cleanly(tmp_path):
