@@ -64,6 +64,27 @@ def test_a_bad_peer_config_is_a_clear_error(capsys):
     assert "name: must be one of peer0..peer1" in capsys.readouterr().err
 
 
+def test_an_error_inside_the_peers_nurseries_is_one_line(tmp_path, capsys):
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    assert main(["peer", "examples/peer.toml", "--set", f'state_dir="{not_a_folder}"']) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "File exists" in err and "Traceback" not in err
+
+
+def test_an_address_in_use_is_one_line(tmp_path, capsys):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(["peer", "examples/peer.toml", "--set", f'state_dir="{tmp_path}"',
+                     "--set", f'listen=["/ip4/127.0.0.1/tcp/{port}"]'])
+    err = capsys.readouterr().err
+    assert code == 2 and f"cannot listen on /ip4/127.0.0.1/tcp/{port}" in err and "Traceback" not in err
+
+
 @pytest.mark.slow
 def test_run_with_the_libp2p_runtime_writes_the_same_kind_of_run_folder(tmp_path):
     run_dir = tmp_path / "run"
