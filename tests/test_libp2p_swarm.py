@@ -38,6 +38,16 @@ def test_a_4_process_libp2p_swarm_gives_the_in_process_results(workspace, tmp_pa
     assert networked.groups == simulated.groups and networked.graph_edges == simulated.graph_edges
 
 
+def test_an_attack_runs_the_same_over_libp2p_as_in_process(workspace, tmp_path):
+    config = small_config("training.rounds=2", "training.local_steps=2", "network.round_timeout_s=60",
+                          'attack=[{peers=["peer3"], kind="sign_flip"}]')
+    simulated = run_job(config, workspace, "validation", seed=0)
+    networked = run_job_libp2p(config, workspace, "validation", seed=0, run_dir=tmp_path)
+    assert records(networked) == records(simulated)
+    assert records(simulated) != records(run_job(small_config("training.rounds=2", "training.local_steps=2"),
+                                                 workspace, "validation", seed=0))  # the attack did something
+
+
 def _start(path: Path, log: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "p2pfed", "peer", str(path)], stdout=open(log, "a"),
                             stderr=subprocess.STDOUT)
