@@ -8,7 +8,7 @@ in-process swarm, the networked peer and the process launcher all build their pe
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,9 +83,20 @@ class JobResult:
         )
 
 
-def job_setup(config: ExperimentConfig, workspace: Workspace, seed: int) -> tuple[nx.Graph, list[PeerData]]:
-    graph = build_graph(config.topology, config.num_peers, seed)
-    return graph, peer_data(config, workspace.tokens, seed)
+# What a script may hand a job instead of the config's topology: a graph, or a function round -> graph.
+GraphSource = nx.Graph | Callable[[int], nx.Graph]
+
+
+def job_setup(config: ExperimentConfig, workspace: Workspace, seed: int, graph: GraphSource | None = None,
+              data: list[PeerData] | None = None) -> tuple[nx.Graph, list[PeerData]]:
+    """The job's graph and every peer's split; `graph` and `data` (each peer's split, in peer order) replace
+    the ones the config names (p2pfed.api passes them from a script)."""
+    if graph is None:
+        graph = build_graph(config.topology, config.num_peers, seed)
+    elif not isinstance(graph, nx.Graph):
+        raise ConfigError("topology: a graph per round (a function of the round) is not followed by the "
+                          "in-process swarm yet; pass a networkx.Graph")
+    return graph, (data if data is not None else peer_data(config, workspace.tokens, seed))
 
 
 def peer_data(config: ExperimentConfig, tokens: Mapping[str, torch.Tensor], seed: int) -> list[PeerData]:

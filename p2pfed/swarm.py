@@ -11,18 +11,25 @@ import trio.testing
 from p2pfed.attacks import attack_of
 from p2pfed.config import ExperimentConfig
 from p2pfed.errors import first_error
-from p2pfed.job import JobResult, Workspace, attacked, initial_adapter, job_setup, peer_specs
+from p2pfed.data import PeerData
+from p2pfed.job import GraphSource, JobResult, Workspace, attacked, initial_adapter, job_setup, peer_specs
 from p2pfed.loop import PeerHooks, PeerLoop
+from p2pfed.net import wire
 from p2pfed.net.memory import InMemoryNetwork
 from p2pfed.records import PeerResult, RoundRecord
 from p2pfed.seeding import derive_seed
 
 RoundCallback = Callable[[str, RoundRecord], None]
+UpdateCallback = Callable[[str, wire.UpdateMessage], None]
 
 
 def run_job(config: ExperimentConfig, workspace: Workspace, scheme: str, seed: int,
-            on_round: RoundCallback | None = None, state_root: Path | None = None) -> JobResult:
-    graph, data = job_setup(config, workspace, seed)
+            on_round: RoundCallback | None = None, state_root: Path | None = None, *,
+            graph: GraphSource | None = None, data: list[PeerData] | None = None,
+            on_update: UpdateCallback | None = None) -> JobResult:
+    """One job's peers on a virtual clock. `graph` and `data` replace the config's (job.job_setup);
+    `on_round` and `on_update` are the peers' hooks (loop.PeerHooks)."""
+    graph, data = job_setup(config, workspace, seed, graph, data)
     specs = peer_specs(config, graph, data, scheme, seed, state_root)
     host = workspace.host_for(specs[0].scheme)
     network = InMemoryNetwork(config.network, derive_seed(seed, "net"))
@@ -30,7 +37,7 @@ def run_job(config: ExperimentConfig, workspace: Workspace, scheme: str, seed: i
     for spec, d in zip(specs, data):
         initial = initial_adapter(host, spec)
         endpoint = attacked(network.endpoint(spec.name), attack_of(config.attack, spec.name), spec, initial)
-        peers.append(PeerLoop(spec, host, d, endpoint, initial, PeerHooks(on_round=on_round)))
+        peers.append(PeerLoop(spec, host, d, endpoint, initial, PeerHooks(on_round=on_round, on_update=on_update)))
     results: dict[str, PeerResult] = {}
 
     async def main() -> None:
