@@ -206,8 +206,23 @@ class TrustConfig:
 
 
 @dataclass(frozen=True)
+class MembershipConfig:
+    """When a peer is in the swarm: rounds `join` <= r < `leave` (`[[network.membership]]`).
+
+    Every peer computes the same plan from its config: nobody waits for a peer outside its rounds.
+    """
+
+    peer: str = ""
+    join: int = 1  # the first round it takes part in; before it, it sits rounds out (a newcomer)
+    leave: int | None = None  # the first round it no longer takes part in; None: it never leaves
+
+    def takes_part(self, round_index: int) -> bool:
+        return self.join <= round_index and (self.leave is None or round_index < self.leave)
+
+
+@dataclass(frozen=True)
 class NetworkConfig:
-    """Faults of the in-memory transport, as plain knobs."""
+    """Faults of the in-memory transport as plain knobs, and who is in the swarm in which rounds."""
 
     drop_prob: float = 0.0
     delay_prob: float = 0.0  # chance a message arrives delay_s seconds late
@@ -218,6 +233,11 @@ class NetworkConfig:
     round_timeout_s: float = 30.0
     encoding: Literal["fp32", "fp16", "bf16"] = "fp32"
     max_message_bytes: int = 256 * 1024 * 1024
+    # Joins and leaves, in every runtime: peers not listed take part in every round.
+    membership: tuple[MembershipConfig, ...] = ()
+
+    def takes_part(self, peer: str, round_index: int) -> bool:
+        return all(m.takes_part(round_index) for m in self.membership if m.peer == peer)
 
 
 ATTACK_KINDS = ("noise", "sign_flip", "scale", "huge", "other_group", "free_rider", "stale", "metadata", "garbage")
@@ -333,6 +353,14 @@ class ExperimentConfig(Sections):
         _check(n.delay_s >= 0, "network.delay_s", "must not be negative")
         _check(n.round_timeout_s > 0, "network.round_timeout_s", "must be positive")
         _check(n.max_message_bytes > 0, "network.max_message_bytes", "must be positive")
+        for i, m in enumerate(n.membership):
+            where = f"network.membership[{i}]"
+            _check(_PEER_NAME.fullmatch(m.peer) is not None and peer_index(m.peer) < self.num_peers,
+                   f"{where}.peer", f"{m.peer!r} is not one of peer0..peer{self.num_peers - 1}")
+            _check(m.join >= 1, f"{where}.join", "must be at least 1")
+            _check(m.leave is None or m.leave > m.join, f"{where}.leave", f"must be after join ({m.join})")
+        listed = [m.peer for m in n.membership]
+        _check(len(set(listed)) == len(listed), "network.membership", "lists a peer twice")
         return self
 
     def profile_of(self, index: int) -> PeerProfile:
@@ -373,12 +401,15 @@ class PeerConfig(Sections):
     checkpoint_every: int = 1
     threads: int = 1  # torch threads; 0 leaves torch's default
     attack: AttackConfig | None = None  # this peer attacks its neighbours (robustness studies only)
+    # A resampled topology (params.resample_every): the peer computes its neighbours of each round from it
+    # and the seed, among those `neighbours` lists. None: the listed neighbours, every round.
+    topology: TopologyConfig | None = None
 
     def as_experiment(self) -> ExperimentConfig:
         """The experiment this peer is one of: checks every shared section the same way."""
         return ExperimentConfig(num_peers=self.num_peers, seeds=(self.seed,), schemes=(self.scheme,),
                                 profiles=(self.profile,), attack=(self.attack,) if self.attack else (),
-                                **self.sections())
+                                topology=self.topology or TopologyConfig(), **self.sections())
 
     def validate(self) -> "PeerConfig":
         self.as_experiment().validate()

@@ -25,7 +25,8 @@ from p2pfed.model import AdapterHost, AdapterLayout, BaseModel, attach_adapters,
 from p2pfed.records import PeerResult
 from p2pfed.seeding import derive_seed
 from p2pfed.strategies import Scheme, parse_scheme
-from p2pfed.topology import build_graph, neighbours
+from p2pfed.topology import (GraphAt, NeighbourSchedule, build_graph, graph_schedules, graphs_by_round, neighbours,
+                             rounds_graph, union_graph)
 
 
 @dataclass
@@ -90,13 +91,40 @@ GraphSource = nx.Graph | Callable[[int], nx.Graph]
 def job_setup(config: ExperimentConfig, workspace: Workspace, seed: int, graph: GraphSource | None = None,
               data: list[PeerData] | None = None) -> tuple[nx.Graph, list[PeerData]]:
     """The job's graph and every peer's split; `graph` and `data` (each peer's split, in peer order) replace
-    the ones the config names (p2pfed.api passes them from a script)."""
-    if graph is None:
+    the ones the config names (p2pfed.api passes them from a script). When the graph varies by round (`graph`
+    is a function round -> graph, or the topology is resampled), the job's graph is every edge of some round."""
+    graphs = round_graphs(config, seed, graph)
+    if graphs is not None:
+        graph = union_graph(graphs.values(), config.num_peers)  # a graph per round: every edge of some round
+    elif graph is None:
         graph = build_graph(config.topology, config.num_peers, seed)
-    elif not isinstance(graph, nx.Graph):
-        raise ConfigError("topology: a graph per round (a function of the round) is not followed by the "
-                          "in-process swarm yet; pass a networkx.Graph")
     return graph, (data if data is not None else peer_data(config, workspace.tokens, seed))
+
+
+def graph_per_round(config: ExperimentConfig, seed: int, source: GraphSource | None) -> GraphAt | None:
+    """The function round -> graph a job's peers follow: `source` when it is one; with no `source`, the
+    topology's `graph_at_round` when `params.resample_every` is set; None for a static graph."""
+    if source is None:
+        return rounds_graph(config.topology, config.num_peers, seed)
+    return None if isinstance(source, nx.Graph) else source
+
+
+def round_graphs(config: ExperimentConfig, seed: int, source: GraphSource | None = None) -> dict[int, nx.Graph] | None:
+    """Each round's graph (built once) when the graph varies; None when it is static."""
+    graph_at = graph_per_round(config, seed, source)
+    return None if graph_at is None else graphs_by_round(graph_at, config.num_peers, config.training.rounds)
+
+
+def neighbour_schedules(config: ExperimentConfig, graph: nx.Graph, seed: int,
+                        source: GraphSource | None = None) -> list[NeighbourSchedule] | None:
+    """Each peer's neighbours round by round: the graph of each round less the peers that have not joined
+    or have left (network.membership); None when every peer has the same neighbours in every round."""
+    graphs = round_graphs(config, seed, source)
+    if graphs is None:
+        if not config.network.membership:
+            return None
+        graphs = {r: graph for r in range(1, config.training.rounds + 1)}
+    return graph_schedules(graphs, config.num_peers, config.network)
 
 
 def peer_data(config: ExperimentConfig, tokens: Mapping[str, torch.Tensor], seed: int) -> list[PeerData]:
@@ -135,7 +163,8 @@ def layout_for(scheme: Scheme, profile: PeerProfile, default_rank: int) -> Adapt
 
 def peer_spec(config: ExperimentConfig, index: int, neighbour_names: tuple[str, ...], scheme: str, seed: int,
               state_dir: str | None = None, checkpoint_every: int = 1,
-              oracle_mixtures: Mapping[str, Mapping[str, float]] | None = None) -> PeerSpec:
+              oracle_mixtures: Mapping[str, Mapping[str, float]] | None = None,
+              schedule: NeighbourSchedule | None = None) -> PeerSpec:
     """The spec of peer `index` of a job: the one place a peer's settings are put together."""
     parsed = parse_scheme(scheme)
     return PeerSpec(
@@ -143,17 +172,22 @@ def peer_spec(config: ExperimentConfig, index: int, neighbour_names: tuple[str, 
         layout=layout_for(parsed, config.profile_of(index), config.lora.rank), experts=config.experts,
         seed=seed, training=config.training, trust=config.trust, network=config.network,
         oracle_mixtures=oracle_mixtures if parsed.trust == "oracle" else None,
-        state_dir=state_dir, checkpoint_every=checkpoint_every,
+        state_dir=state_dir, checkpoint_every=checkpoint_every, schedule=schedule,
     )
 
 
 def peer_specs(config: ExperimentConfig, graph: nx.Graph, data: list[PeerData], scheme: str,
-               seed: int, state_root: Path | None = None) -> list[PeerSpec]:
-    """Each peer's spec; with `state_root`, peer i checkpoints to (and resumes from) state_root/peer<i>."""
+               seed: int, state_root: Path | None = None, source: GraphSource | None = None) -> list[PeerSpec]:
+    """Each peer's spec; with `state_root`, peer i checkpoints to (and resumes from) state_root/peer<i>.
+    `source` is what job_setup was given. A graph per round (a function `source`, or the topology's
+    resample_every) or joins and leaves give each peer a schedule of its neighbours per round; its
+    `neighbours` are then everyone it is ever a neighbour of (`graph`, from job_setup, is their union)."""
     mixtures = {d.name: d.mixture for d in data}
-    return [peer_spec(config, i, tuple(peer_name(j) for j in neighbours(graph, i)), scheme, seed,
+    schedules = neighbour_schedules(config, graph, seed, source)
+    return [peer_spec(config, i, tuple(peer_name(j) for j in neighbours(graph, i)) if schedules is None
+                      else schedules[i].everyone(), scheme, seed,
                       state_dir=str(state_root / peer_name(i)) if state_root is not None else None,
-                      oracle_mixtures=mixtures)
+                      oracle_mixtures=mixtures, schedule=None if schedules is None else schedules[i])
             for i in range(config.num_peers)]
 
 

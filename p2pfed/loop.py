@@ -13,7 +13,7 @@ import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import torch
 import trio
@@ -42,9 +42,18 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+class Schedule(Protocol):
+    """Who a peer talks to in each round, and whether it takes part at all (topology.NeighbourSchedule)."""
+
+    def takes_part(self, round_index: int) -> bool: ...
+
+    def neighbours_at(self, round_index: int) -> tuple[str, ...]: ...
+
+
 @dataclass(frozen=True)
 class PeerSpec:
     name: str
+    # Everyone this peer may hear from; without a schedule, its neighbours in every round.
     neighbours: tuple[str, ...]
     scheme: Scheme
     layout: AdapterLayout
@@ -59,6 +68,15 @@ class PeerSpec:
     # a peer started with a state folder that holds a checkpoint resumes from it. None: no checkpoints.
     state_dir: str | None = None
     checkpoint_every: int = 1
+    # Its neighbours round by round (a time-varying graph, peers joining and leaving); None: `neighbours`.
+    schedule: Schedule | None = None
+
+    def takes_part(self, round_index: int) -> bool:
+        return self.schedule is None or self.schedule.takes_part(round_index)
+
+    def neighbours_at(self, round_index: int) -> tuple[str, ...]:
+        """This peer's neighbours in `round_index`: all the loop knows of the graph."""
+        return self.neighbours if self.schedule is None else self.schedule.neighbours_at(round_index)
 
 
 async def run_inline(work: Callable[[], T]) -> T:
@@ -121,10 +139,11 @@ class PeerLoop:
         self.initial_adapter = initial_adapter
         self.hooks = hooks
         self.adapter: dict[str, torch.nn.Parameter] | None = None  # the live adapter, once run() has started
+        self._early: list[tuple[str, bytes]] = []  # received while waiting to hear from the swarm (a newcomer)
+        self._caught_up = True  # False after rounds sat out by the schedule, until a neighbour is heard from
 
-    @property
-    def communicates(self) -> bool:
-        return self.spec.scheme.shares_anything and bool(self.spec.neighbours)
+    def communicates(self, round_index: int) -> bool:
+        return self.spec.scheme.shares_anything and bool(self.spec.neighbours_at(round_index))
 
     @property
     def flexible_rank(self) -> bool:
@@ -159,6 +178,7 @@ class PeerLoop:
         else:
             steps, saved_round = checkpoint.steps, checkpoint.round
             self._restore(checkpoint, adapter, trainer, result)
+        self._early, self._caught_up = [], saved_round == 0 or spec.takes_part(saved_round)
         at_round_end = True
         try:
             for round_index in range(saved_round + 1, training.rounds + 1):
@@ -182,26 +202,46 @@ class PeerLoop:
     async def _round(self, round_index: int, adapter, trainer: LocalTrainer, inbox: "UpdateInbox",
                      expected_shapes, steps: int) -> RoundRecord:
         spec, training = self.spec, self.spec.training
+        if not spec.takes_part(round_index):
+            # Not joined yet, or left: no training, no messages; nobody waits for it (it is not their neighbour).
+            self._caught_up = False
+            return RoundRecord(round_index, steps, None, None, {}, (), self.endpoint.bytes_sent, online=False)
         if not self.endpoint.online(round_index):
             # Churn: the device is away for this round; neighbours go on without it.
             return RoundRecord(round_index, steps, None, None, {}, (), self.endpoint.bytes_sent, online=False)
+        neighbours = spec.neighbours_at(round_index)
+        if self.communicates(round_index) and not self._caught_up:
+            await self._hear_from_the_swarm(round_index)
         compute = self.hooks.compute
         train_loss = await compute(partial(trainer.train, training.local_steps))
         steps += training.local_steps
         weights: dict[str, float] = {}
         missing: tuple[str, ...] = ()
-        if self.communicates and steps > training.warmup_steps:
-            await self._send(adapter, round_index)
-            await self._collect(inbox, round_index, expected_shapes, self._norm_bound(adapter))
-            usable = inbox.for_round(round_index)
-            missing = tuple(n for n in spec.neighbours if n not in usable or usable[n].round != round_index)
+        if self.communicates(round_index) and steps > training.warmup_steps:
+            await self._send(adapter, round_index, neighbours)
+            await self._collect(inbox, round_index, neighbours, expected_shapes, self._norm_bound(adapter))
+            # Only this round's neighbours count: a late update from last round's neighbour is not aggregated.
+            usable = {n: m for n, m in inbox.for_round(round_index).items() if n in neighbours}
+            missing = tuple(n for n in neighbours if n not in usable or usable[n].round != round_index)
             rule = TRUST_RULES[spec.scheme.trust]
             run = compute if rule.runs_model else self.hooks.offload
-            weights = await run(partial(self._weights, rule, adapter, usable))
+            weights = await run(partial(self._weights, rule, adapter, usable, len(neighbours)))
             await compute(partial(self._aggregate, adapter, usable, weights))
         evaluate_now = round_index % training.eval_every == 0 or round_index == training.rounds
         test_ppl = await compute(partial(self._test_ppl, adapter)) if evaluate_now else None
-        return RoundRecord(round_index, steps, train_loss, test_ppl, weights, missing, self.endpoint.bytes_sent)
+        return RoundRecord(round_index, steps, train_loss, test_ppl, weights, missing, self.endpoint.bytes_sent,
+                           neighbours=neighbours)
+
+    async def _hear_from_the_swarm(self, round_index: int) -> None:
+        """A newcomer (it sat rounds out) waits for its first neighbour's update before it trains.
+
+        It skipped the rounds it sat out at once, so it may be far ahead of the swarm: sent now, its update
+        would arrive rounds early and be dropped. Nobody sends to it before it is their neighbour, so the
+        first message means the swarm has reached this round. The wait is bounded by a deadline per round.
+        """
+        with trio.move_on_after(self.spec.network.round_timeout_s * round_index):
+            self._early.append(await self.endpoint.receive())
+        self._caught_up = True
 
     # -- checkpoints ------------------------------------------------------------------------
 
@@ -244,24 +284,26 @@ class PeerLoop:
 
     # -- the steps of a round -------------------------------------------------------------
 
-    async def _send(self, adapter, round_index: int) -> None:
+    async def _send(self, adapter, round_index: int, neighbours: tuple[str, ...]) -> None:
         message = wire.UpdateMessage(
             sender=self.spec.name, round=round_index,
             tensors={name: p.detach() for name, p in adapter.items() if is_shared(name)},
-            degree=len(self.spec.neighbours), num_samples=int(self.data.train.numel()),
+            degree=len(neighbours), num_samples=int(self.data.train.numel()),
         )
         payload = wire.encode_update(message, self.spec.network.encoding)
-        for neighbour in self.spec.neighbours:
+        for neighbour in neighbours:
             await self.endpoint.send(neighbour, payload)
 
-    async def _collect(self, inbox: "UpdateInbox", round_index: int,
+    async def _collect(self, inbox: "UpdateInbox", round_index: int, neighbours: tuple[str, ...],
                        expected_shapes: Mapping[str, tuple[int | None, ...]], norm_bound: float) -> None:
-        """Take updates until every neighbour's round update is in, or the deadline passes."""
-        neighbours = set(self.spec.neighbours)
+        """Take updates until every neighbour's round update is in, or the deadline passes.
+
+        Updates from any peer this one may hear from are kept (a neighbour of next round may be early)."""
+        known = set(self.spec.neighbours)
         with trio.move_on_after(self.spec.network.round_timeout_s):
             while not all(inbox.has_reached(n, round_index) for n in neighbours):
-                sender, payload = await self.endpoint.receive()
-                if sender not in neighbours:
+                sender, payload = self._early.pop(0) if self._early else await self.endpoint.receive()
+                if sender not in known:
                     log.warning("%s: dropped an update from %s, which is not a neighbour", self.spec.name, sender)
                     continue
                 try:
@@ -310,11 +352,12 @@ class PeerLoop:
         # An untrained peer has no scale to compare with yet.
         return ratio * own if own > 0 else math.inf
 
-    def _weights(self, rule: TrustRule, adapter, received: Mapping[str, wire.UpdateMessage]) -> dict[str, float]:
+    def _weights(self, rule: TrustRule, adapter, received: Mapping[str, wire.UpdateMessage],
+                 degree: int) -> dict[str, float]:
         spec = self.spec
         inputs = TrustInputs(
             peer=spec.name, own={name: p.detach() for name, p in adapter.items()}, initial=self.initial_adapter,
-            received=received, degree=len(spec.neighbours), train_tokens=int(self.data.train.numel()),
+            received=received, degree=degree, train_tokens=int(self.data.train.numel()),
             settings=spec.trust, host=self.host, val=self.data.val, mixed_ranks=self.flexible_rank,
             oracle_mixtures=spec.oracle_mixtures)
         return trust_weights(rule, inputs)

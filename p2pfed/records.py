@@ -15,12 +15,15 @@ class RoundRecord:
     trust: dict[str, float]  # this round's weights over self and neighbours ({} when it did not aggregate)
     missing: tuple[str, ...]  # neighbours whose update did not arrive by the deadline
     bytes_sent: int
-    online: bool = True
+    online: bool = True  # False: the peer sat the round out (churn, before it joined or after it left)
+    # The neighbours it had this round (they change on a resampled graph or when peers join and leave);
+    # () for round 0 and rounds it sat out. Histories written before this field existed read back as ().
+    neighbours: tuple[str, ...] = ()
 
     @classmethod
     def from_dict(cls, data: dict) -> "RoundRecord":
         """From `dataclasses.asdict` output read back from JSON (lists back to tuples)."""
-        return cls(**{**data, "missing": tuple(data["missing"])})
+        return cls(**{**data, "missing": tuple(data["missing"]), "neighbours": tuple(data.get("neighbours", ()))})
 
 
 @dataclass

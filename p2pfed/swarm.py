@@ -29,8 +29,9 @@ def run_job(config: ExperimentConfig, workspace: Workspace, scheme: str, seed: i
             on_update: UpdateCallback | None = None) -> JobResult:
     """One job's peers on a virtual clock. `graph` and `data` replace the config's (job.job_setup);
     `on_round` and `on_update` are the peers' hooks (loop.PeerHooks)."""
-    graph, data = job_setup(config, workspace, seed, graph, data)
-    specs = peer_specs(config, graph, data, scheme, seed, state_root)
+    source = graph  # a function round -> graph: each peer follows it round by round
+    graph, data = job_setup(config, workspace, seed, source, data)
+    specs = peer_specs(config, graph, data, scheme, seed, state_root, source)
     host = workspace.host_for(specs[0].scheme)
     network = InMemoryNetwork(config.network, derive_seed(seed, "net"))
     peers = []

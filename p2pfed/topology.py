@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any, Literal
 
 import networkx as nx
 
-from p2pfed.config import TOPOLOGY_PARAMS, ConfigError, TopologyConfig
+from p2pfed.config import (TOPOLOGY_PARAMS, ConfigError, NetworkConfig, PeerConfig, TopologyConfig, peer_index,
+                           peer_name)
 from p2pfed.seeding import derive_seed
 
 MixingKind = Literal["uniform", "metropolis_hastings"]
 
 GENERATORS = tuple(TOPOLOGY_PARAMS)
+
+GraphAt = Callable[[int], nx.Graph]  # the graph in force at a round (1, 2, ...)
 
 
 class TopologyWarning(UserWarning):
@@ -46,6 +50,17 @@ def graph_at_round(config: TopologyConfig, num_peers: int, seed: int, round_inde
         raise ValueError(f"round_index must be a non-negative integer, got {round_index!r}")
     # A hash rather than seed + period, so that neighbouring experiment seeds share no graphs.
     return _build(config, params, num_peers, derive_seed(base, "topology", round_index // resample_every))
+
+
+def is_resampled(config: TopologyConfig) -> bool:
+    return config.checked_params()[1] is not None
+
+
+def rounds_graph(config: TopologyConfig, num_peers: int, seed: int) -> GraphAt | None:
+    """`graph_at_round` as a function of the round when the graph is resampled; None when it is static."""
+    if not is_resampled(config):
+        return None
+    return lambda round_index: graph_at_round(config, num_peers, seed, round_index)
 
 
 def _base_seed(config: TopologyConfig, seed: int) -> int:
@@ -201,3 +216,90 @@ def mixing_weights(graph: nx.Graph, node: int, kind: MixingKind) -> dict[int, fl
     else:
         raise ConfigError(f"mixing weights: unknown kind {kind!r} (known: uniform, metropolis_hastings)")
     return dict(sorted(weights.items()))
+
+
+# ---------------------------------------------------------------------------
+# Who one peer talks to in each round: a time-varying graph, joins and leaves.
+
+@dataclass(frozen=True)
+class NeighbourSchedule:
+    """One peer's neighbours in rounds 1..len(by_round); None for a round it sits out (not joined yet, or
+    left). Built from what every peer can compute alike (the topology, the seed, the membership plan), so
+    no peer needs a global authority; the round loop only asks for the current round."""
+
+    by_round: tuple[tuple[str, ...] | None, ...]
+
+    def takes_part(self, round_index: int) -> bool:
+        return self._at(round_index) is not None
+
+    def neighbours_at(self, round_index: int) -> tuple[str, ...]:
+        return self._at(round_index) or ()
+
+    def everyone(self) -> tuple[str, ...]:
+        """Every peer it is a neighbour of in some round (whom it may hear from), in node order."""
+        names = {n for names in self.by_round if names for n in names}
+        return tuple(sorted(names, key=lambda n: (len(n), n)))
+
+    def _at(self, round_index: int) -> tuple[str, ...] | None:
+        if not 1 <= round_index <= len(self.by_round):
+            raise ValueError(f"round {round_index} is outside the schedule's rounds 1..{len(self.by_round)}")
+        return self.by_round[round_index - 1]
+
+
+def neighbour_schedule(name: str, rounds: int, neighbours_at: Callable[[int], Iterable[str]],
+                       network: NetworkConfig) -> NeighbourSchedule:
+    """Peer `name`'s schedule: `neighbours_at(r)` (names) less the peers outside the swarm in round r."""
+    by_round = []
+    for r in range(1, rounds + 1):
+        present = network.takes_part(name, r)
+        by_round.append(tuple(n for n in neighbours_at(r) if network.takes_part(n, r)) if present else None)
+    return NeighbourSchedule(tuple(by_round))
+
+
+def graphs_by_round(graph_at: GraphAt, num_peers: int, rounds: int) -> dict[int, nx.Graph]:
+    """The graph of each round 1..rounds, each built once; nodes must be 0..num_peers-1."""
+    graphs = {r: graph_at(r) for r in range(1, rounds + 1)}
+    for r, graph in graphs.items():
+        if set(graph.nodes) != set(range(num_peers)):
+            raise ValueError(f"the graph of round {r} must have the nodes 0..{num_peers - 1}, "
+                             f"got {sorted(graph.nodes)[:10]}")
+    return graphs
+
+
+def graph_schedules(graphs: dict[int, nx.Graph], num_peers: int, network: NetworkConfig) -> list[NeighbourSchedule]:
+    """Every peer's schedule from `graphs_by_round`."""
+    def names(i: int, r: int) -> list[str]:
+        return [peer_name(j) for j in neighbours(graphs[r], i)]
+    return [neighbour_schedule(peer_name(i), len(graphs), lambda r, i=i: names(i, r), network)
+            for i in range(num_peers)]
+
+
+def union_graph(graphs: Iterable[nx.Graph], num_peers: int) -> nx.Graph:
+    """Every edge in force in some round: who may ever talk to whom (sorted, like every built graph)."""
+    edges = {(min(u, v), max(u, v)) for graph in graphs for u, v in graph.edges()}
+    union = nx.Graph()
+    union.add_nodes_from(range(num_peers))
+    union.add_edges_from(sorted(edges))
+    return union
+
+
+def peer_schedule(config: PeerConfig) -> NeighbourSchedule | None:
+    """A networked peer's schedule, computed from its own file alone: its neighbours in each round of the
+    topology (when the file names one, with the seed) or the listed neighbours, less the peers outside the
+    swarm that round. Every neighbour it has must be listed, with its peer ID. None: the listed ones, always."""
+    listed = [n.name for n in config.neighbours]
+    if config.topology is None and not config.network.membership:
+        return None
+    if config.topology is None:
+        names: Callable[[int], Iterable[str]] = lambda r: listed
+    else:
+        index, topology = peer_index(config.name), config.topology
+        names = lambda r: [peer_name(j) for j in neighbours(graph_at_round(topology, config.num_peers, config.seed, r),
+                                                            index)]
+    schedule = neighbour_schedule(config.name, config.training.rounds, names, config.network)
+    for r in range(1, config.training.rounds + 1):
+        unlisted = [n for n in schedule.neighbours_at(r) if n not in listed]
+        if unlisted:
+            raise ConfigError(f"neighbours: the topology makes {unlisted[0]} a neighbour of {config.name} in round "
+                              f"{r}, but [[neighbours]] does not list it (name, peer_id, addrs)")
+    return schedule
