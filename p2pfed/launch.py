@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import tomli_w
@@ -22,7 +23,7 @@ from p2pfed.config import AttackConfig, ExperimentConfig, NeighbourConfig, PeerC
 from p2pfed.load import to_dict
 from p2pfed.job import JobResult, Workspace, job_setup
 from p2pfed.seeding import derive_seed
-from p2pfed.topology import neighbours
+from p2pfed.topology import is_resampled, neighbours
 
 LOOPBACK = "127.0.0.1"
 
@@ -52,16 +53,25 @@ def peer_configs(config: ExperimentConfig, graph, scheme: str, seed: int, job_di
 
     identity_seeds = [derive_seed(seed, "identity", peer_name(i)) for i in range(config.num_peers)]
     peer_ids = [peer_id_of(identity_from_seed(s)) for s in identity_seeds]
-    configs = []
-    for i in range(config.num_peers):
-        configs.append(PeerConfig(
-            name=peer_name(i), scheme=scheme, seed=seed, num_peers=config.num_peers, profile=config.profile_of(i),
-            identity_seed=identity_seeds[i], listen=(loopback_addr(ports[i]),),
-            neighbours=tuple(NeighbourConfig(peer_name(j), peer_ids[j], (loopback_addr(ports[j]),))
-                             for j in neighbours(graph, i)),
-            state_dir=str(job_dir / peer_name(i)), attack=_attack_of(config, peer_name(i)), **config.sections(),
-        ))
-    return configs
+    return swarm_configs(config, graph, scheme, seed, peer_ids, [loopback_addr(port) for port in ports],
+                         lambda i: {"identity_seed": identity_seeds[i], "state_dir": str(job_dir / peer_name(i))})
+
+
+def swarm_configs(config: ExperimentConfig, graph, scheme: str, seed: int, peer_ids: list[str], addrs: list[str],
+                  own: Callable[[int], dict]) -> list[PeerConfig]:
+    """One PeerConfig per peer, listening on addrs[i], with `own(i)`'s keys (identity, state_dir).
+
+    Each lists its neighbours in `graph` (for a resampled topology, job_setup's union over the rounds) with
+    their peer IDs and addresses; a resampled topology travels in the file too, so that every peer computes
+    its own neighbours of each round from it and the seed, as the in-process swarm does.
+    """
+    topology = config.topology if is_resampled(config.topology) else None
+    return [PeerConfig(
+        name=peer_name(i), scheme=scheme, seed=seed, num_peers=config.num_peers, profile=config.profile_of(i),
+        listen=(addrs[i],), topology=topology,
+        neighbours=tuple(NeighbourConfig(peer_name(j), peer_ids[j], (addrs[j],)) for j in neighbours(graph, i)),
+        attack=_attack_of(config, peer_name(i)), **own(i), **config.sections(),
+    ) for i in range(config.num_peers)]
 
 
 def _attack_of(config: ExperimentConfig, name: str) -> AttackConfig | None:
@@ -125,4 +135,4 @@ def run_job_libp2p(config: ExperimentConfig, workspace: Workspace, scheme: str, 
     return JobResult.of(config, scheme, seed, graph, data, peers)
 
 
-__all__ = ["free_ports", "peer_configs", "write_peer_toml", "run_job_libp2p"]
+__all__ = ["free_ports", "peer_configs", "swarm_configs", "write_peer_toml", "run_job_libp2p"]

@@ -35,6 +35,7 @@ from p2pfed.model import AdapterHost, BaseModel
 from p2pfed.net import wire
 from p2pfed.records import PeerResult, RoundRecord
 from p2pfed.strategies import check_schemes
+from p2pfed.topology import peer_schedule
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,8 @@ def prepare_peer(config: PeerConfig) -> PreparedPeer:
     index = peer_index(config.name)
     # The experiment of one peer lists only this peer's profile, so every index gets it.
     spec = peer_spec(experiment, index, tuple(n.name for n in config.neighbours), config.scheme, config.seed,
-                     state_dir=config.state_dir or None, checkpoint_every=config.checkpoint_every)
+                     state_dir=config.state_dir or None, checkpoint_every=config.checkpoint_every,
+                     schedule=peer_schedule(config))  # its neighbours per round: topology, seed, membership
     workspace = open_workspace(experiment, log=log.info)
     host = workspace.host_for(spec.scheme)
     data = peer_data(experiment, workspace.tokens, config.seed)[index]

@@ -110,3 +110,23 @@ def test_a_networked_peer_computes_its_own_schedule_and_needs_every_neighbour_li
 
 def _toml(tables: list[dict]) -> str:
     return "[" + ", ".join("{" + ", ".join(f'{k}="{v}"' for k, v in t.items()) + "}" for t in tables) + "]"
+
+
+def records(job):
+    return {name: [(r.round, r.online, r.neighbours, r.steps, r.train_loss, r.test_ppl, r.trust) for r in peer.rounds]
+            for name, peer in job.peers.items()}
+
+
+@pytest.mark.slow
+def test_4_libp2p_processes_follow_a_resampled_graph_and_membership_as_in_process(workspace, tmp_path):
+    from p2pfed.launch import run_job_libp2p
+
+    config = small_config("training.rounds=3", "training.local_steps=2", "network.round_timeout_s=60", RESAMPLED,
+                          'network.membership=[{peer="peer3", join=2}, {peer="peer1", leave=3}]')
+    simulated = run_job(config, workspace, "validation", seed=0)
+    networked = run_job_libp2p(config, workspace, "validation", seed=0, run_dir=tmp_path)
+    assert all(r.missing == () for peer in networked.peers.values() for r in peer.rounds)
+    assert records(networked) == records(simulated)
+    assert networked.graph_edges == simulated.graph_edges
+    peer_file = (tmp_path / "libp2p" / "validation-seed0" / "peer0.toml").read_text()
+    assert "resample_every = 1" in peer_file and 'peer = "peer3"' in peer_file
