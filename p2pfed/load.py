@@ -1,8 +1,8 @@
 """Configuration files: TOML in, checked dataclasses out, with the key in every error.
 
-`load_experiment` and `load_peer` read a file, apply `--set KEY=VALUE` overrides, resolve the files it
-names (topologies, profiles) and check everything that can be checked before any work starts:
-value ranges, topology parameters, scheme names and ranks.
+`load_experiment` and `load_peer` read a file, apply `--set KEY=VALUE` overrides, resolve the paths and files
+it names (a relative path from the file's folder; topologies, profiles) and check everything that can be
+checked before any work starts: value ranges, topology parameters, scheme names and ranks.
 """
 
 from __future__ import annotations
@@ -54,64 +54,113 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML ({error})") from error
 
 
-def resolve_topology(value: Any, base_dir: Path) -> dict[str, Any]:
-    """The experiment's `topology` key is a table or the path of a topologies/*.toml file."""
-    if isinstance(value, str):
-        candidate = _find(value, base_dir)
-        table = load_toml(candidate)
-        if isinstance(table.get("path"), str) and table["path"] and not Path(table["path"]).is_absolute():
-            table["path"] = str((candidate.parent / table["path"]).resolve())
-        return table
-    return value
+# ---------------------------------------------------------------------------
+# Paths: every relative path in a file is taken from that file's folder, one typed with --set from the
+# working directory. Named topologies and profiles (`topology = "ring"`, `profile = "medium"`) are the
+# repository's topologies/*.toml and peers/*.toml, found beside the package: the Makefile installs p2pfed
+# editable, so the files users read and edit are the ones used, and examples and docs keep their paths.
+
+TOPOLOGIES = Path(__file__).resolve().parent.parent / "topologies"
+PROFILES = Path(__file__).resolve().parent.parent / "peers"
+# Keys that hold a path, by section; a value in SPECIAL is a name, not a path.
+PATH_KEYS = {"": ("state_dir", "key_file", "output_dir"), "data": ("source",), "model": ("source", "cache_dir")}
+SPECIAL = {("data", "source"): "builtin", ("model", "source"): "tiny"}
+MUST_EXIST = {("data", "source"), ("model", "source")}
 
 
-def _find(value: str, base_dir: Path) -> Path:
-    candidate = Path(value)
-    for root in (base_dir, Path.cwd()):
-        if (root / candidate).is_file():
-            return root / candidate
+def resolve_paths(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+    """`data` (a file's table, or --set values) with every relative path made absolute against `base_dir`,
+    and the topology and profile files it names read in. Absolute paths are left alone, so resolving
+    again (the overrides, against the working directory) changes nothing already resolved."""
+    for section, keys in PATH_KEYS.items():
+        table = data.get(section) if section else data
+        if not isinstance(table, dict):
+            continue
+        for key in keys:
+            value = table.get(key)
+            if not isinstance(value, str) or not value or value == SPECIAL.get((section, key)):
+                continue
+            where = f"{section}.{key}" if section else key
+            table[key] = str(_absolute(value, base_dir))
+            if (section, key) in MUST_EXIST and not Path(table[key]).exists():
+                raise ConfigError(f"{where}: no such file or folder {table[key]} ({value!r} from {base_dir})")
+    if "topology" in data:
+        data["topology"] = resolve_topology(data["topology"], base_dir)
+    if "profiles" in data:
+        data["profiles"] = resolve_profiles(data["profiles"], base_dir)
+    if isinstance(data.get("profile"), str):
+        data["profile"] = resolve_profiles([data["profile"]], base_dir, "profile")[0]
+    return data
+
+
+def _absolute(value: str, base_dir: Path) -> Path:
+    return (base_dir / Path(value).expanduser()).resolve()
+
+
+def resolve_topology(value: Any, base_dir: Path, where: str = "topology") -> Any:
+    """A `topology` key: a table (its edge-list `path` from `base_dir`), the name of a shipped topology
+    ("ring": topologies/ring.toml), or the path of a topology file (its `path` from that file's folder)."""
+    if isinstance(value, dict):
+        if isinstance(value.get("path"), str) and value["path"]:
+            value = {**value, "path": str(_absolute(value["path"], base_dir))}
+        return value
+    if not isinstance(value, str):
+        return value
+    candidate = _file(value, base_dir, TOPOLOGIES, where, "{generator = ...}")
+    return resolve_topology(load_toml(candidate), candidate.parent, where)
+
+
+def _file(value: str, base_dir: Path, shipped: Path, where: str, table: str) -> Path:
+    """The file a string names: a shipped one by its name ("ring"), else a path from `base_dir`."""
+    if "/" in value or "\\" in value or value.endswith(".toml") or value.startswith((".", "~")):
+        candidate = _absolute(value, base_dir)
+        if not candidate.is_file():
+            raise ConfigError(f"{where}: no such file {candidate} ({value!r} from {base_dir})")
+        return candidate
+    candidate = shipped / f"{value}.toml"
+    if not candidate.is_file():
+        known = ", ".join(sorted(p.stem for p in shipped.glob("*.toml"))) or "none found"
+        raise ConfigError(f"{where}: no file named {value!r} ({candidate} does not exist; known: {known}); "
+                          f"give a file's path or a table {table}")
     return candidate
 
 
-def resolve_profiles(value: Any, base_dir: Path) -> Any:
-    """`profiles` lists tables or paths of peers/*.toml files; a file's profile is named after it by default."""
+def resolve_profiles(value: Any, base_dir: Path, where: str = "profiles") -> Any:
+    """`profiles` lists tables, names of peers/*.toml files ("low") or paths of profile files; a file's profile
+    is named after it by default."""
     if not isinstance(value, list):
         return value
     resolved = []
-    for item in value:
+    for i, item in enumerate(value):
         if isinstance(item, str):
-            path = _find(item, base_dir)
+            path = _file(item, base_dir, PROFILES, where if where == "profile" else f"{where}[{i}]", "{rank = ...}")
             item = {"name": path.stem, **load_toml(path)}
         resolved.append(item)
     return resolved
 
 
+def _load(path: str | Path | None, overrides: list[str] | None) -> dict[str, Any]:
+    """A file's table with its paths resolved against its folder, then the overrides against the working
+    directory."""
+    data = resolve_paths(load_toml(path), Path(path).resolve().parent) if path is not None else {}
+    return resolve_paths(apply_overrides(data, list(overrides or [])), Path.cwd())
+
+
 def load_experiment(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    data = load_toml(path) if path is not None else {}
-    data = apply_overrides(data, list(overrides or []))
-    base_dir = Path(path).resolve().parent if path is not None else Path.cwd()
-    if "topology" in data:
-        data["topology"] = resolve_topology(data["topology"], base_dir)
-    if "profiles" in data:
-        data["profiles"] = resolve_profiles(data["profiles"], base_dir)
-    config = from_dict(ExperimentConfig, data).validate()
+    config = from_dict(ExperimentConfig, _load(path, overrides)).validate()
     check_schemes(config)
     return config
 
 
 def load_peer(path: str | Path | None = None, overrides: list[str] | None = None) -> PeerConfig:
-    data = load_toml(path) if path is not None else {}
-    data = apply_overrides(data, list(overrides or []))
-    base_dir = Path(path).resolve().parent if path is not None else Path.cwd()
-    if isinstance(data.get("profile"), str):
-        data["profile"] = resolve_profiles([data["profile"]], base_dir)[0]
-    config = from_dict(PeerConfig, data).validate()
+    config = from_dict(PeerConfig, _load(path, overrides)).validate()
     check_schemes(config.as_experiment())
     return config
 
 
 def load_topology(path: str | Path) -> TopologyConfig:
-    """A topologies/*.toml file; a relative edge-list `path` is taken from the file's folder."""
+    """A topologies/*.toml file (or a shipped topology's name); a relative edge-list `path` is taken from the
+    file's folder."""
     config = from_dict(TopologyConfig, resolve_topology(str(path), Path.cwd()), "topology")
     config.checked_params()  # unknown generators and parameters fail at load time, not mid-run
     return config
