@@ -1,7 +1,7 @@
 """p2pfed: decentralized, personalized fine-tuning of language models with LoRA over libp2p.
 
-`from p2pfed import Peer, load_peer` gives the embeddable networked peer (and its events); the rest lives
-in the submodules. Imported lazily: libp2p and torch take seconds to import.
+`from p2pfed import Peer, load_peer` gives the embeddable networked peer (and its events), `from p2pfed import
+Swarm` experiments from a script (p2pfed.api); the rest lives in the submodules. Imported lazily: libp2p and torch take seconds to import.
 """
 
 from __future__ import annotations
@@ -23,6 +23,15 @@ _EXPORTS = {
     "BackgroundPeer": "p2pfed.embed",
     "EventStream": "p2pfed.embed",
     "PeerStopped": "p2pfed.embed",
+    "Swarm": "p2pfed.api",
+    "SwarmEvent": "p2pfed.api",
+    "RunningSwarm": "p2pfed.api",
+    "SwarmResult": "p2pfed.results",
+    "SchemeResult": "p2pfed.results",
+    "PeerText": "p2pfed.inputs",
+    "RunStopped": "p2pfed.experiment",
+    "run_sweep": "p2pfed.sweep",
+    "plan_sweep": "p2pfed.sweep",
 }
 
 __all__ = sorted(_EXPORTS)

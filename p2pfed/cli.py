@@ -1,16 +1,19 @@
-"""`p2pfed run EXPERIMENT.toml`, `p2pfed peer PEER.toml` and `p2pfed report RUN_DIR`."""
+"""`p2pfed run EXPERIMENT.toml`, `p2pfed sweep`, `p2pfed peer PEER.toml`, `p2pfed id` and `p2pfed report`."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
+from datetime import datetime
 from pathlib import Path
 
 from p2pfed.checkpoint import CheckpointError
 from p2pfed.config import ConfigError
 from p2pfed.errors import first_error
-from p2pfed.load import load_experiment, load_peer
+from p2pfed.load import load_experiment, load_peer, parse_override
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,10 +21,14 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run an experiment (every scheme and seed) into a run folder")
-    run.add_argument("experiment", help="an experiment TOML file, e.g. examples/default.toml")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config key, e.g. --set training.rounds=5 --set 'schemes=[\"local\"]'")
-    run.add_argument("--out", help="the run folder (default: OUTPUT_DIR/NAME-TIMESTAMP)")
+    run.add_argument("experiment", nargs="?", help="an experiment TOML file, e.g. examples/default.toml")
+    _run_folder_options(run, "run")
+
+    sweep = commands.add_parser("sweep", help="run an experiment over the product of grids of config values")
+    sweep.add_argument("experiment", nargs="?", help="an experiment TOML file, e.g. examples/default.toml")
+    sweep.add_argument("--grid", dest="grids", action="append", default=[], metavar="KEY=[V1,V2,...]",
+                       help="values of a config key, e.g. --grid 'topology=[ring,complete]' --grid 'seeds=[0,1]'")
+    _run_folder_options(sweep, "sweep")
 
     peer = commands.add_parser("peer", help="run one peer as its own process over libp2p")
     peer.add_argument("config", help="a peer TOML file (name, scheme, listen, neighbours, state_dir, ...)")
@@ -33,55 +40,152 @@ def main(argv: list[str] | None = None) -> int:
     ident.add_argument("config", help="a peer TOML file")
     ident.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
-    show = commands.add_parser("report", help="print the table and redraw the plots of a finished run")
-    show.add_argument("run_dir")
+    show = commands.add_parser("report", help="print the table and redraw the plots of a finished run, or "
+                                              "summarize the state folders of peers run by hand")
+    show.add_argument("paths", nargs="+", metavar="RUN_DIR|STATE_DIR",
+                      help="a run folder, or peers' state folders (each holds result.json), or folders of them")
+    show.add_argument("--out", help="where a report on state folders goes (default: their common parent)")
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args.run_dir = None  # the run folder in use, once known: named when Ctrl-C stops the run
     try:
-        if args.command == "run":
-            return _run(args)
-        if args.command == "peer":
-            return _peer(args)
-        if args.command == "id":
-            return _id(args)
-        return _report(args)
+        return {"run": _run, "sweep": _sweep, "peer": _peer, "id": _id, "report": _report}[args.command](args)
     except BaseException as raised:
         error = first_error(raised)  # trio wraps a peer's error in one ExceptionGroup per nursery
+        if isinstance(error, KeyboardInterrupt):
+            print(_stopped(args), file=sys.stderr)
+            return 130
         if isinstance(error, (ConfigError, CheckpointError)):
             print(f"p2pfed: configuration error: {error}", file=sys.stderr)
             return 2
         if isinstance(error, OSError):  # a missing file, a state_dir that is a file, an address in use
             print(f"p2pfed: {error}", file=sys.stderr)
             return 2
+        if type(error).__name__ == "BrokenProcessPool":
+            print(f"p2pfed: a worker process died ({error}); {_kept(args)}", file=sys.stderr)
+            return 1
         raise
+
+
+def _run_folder_options(command, name: str) -> None:
+    command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a config key, e.g. --set training.rounds=5 --set 'schemes=[\"local\"]'")
+    command.add_argument("--out", help=f"the {name} folder (default: OUTPUT_DIR/NAME-TIMESTAMP); it must be new "
+                                       f"or empty, unless --resume or --force")
+    command.add_argument("--resume", nargs="?", const=True, default=False, metavar=f"{name.upper()}_DIR",
+                         help=f"run only what the {name} folder is missing (the folder's own config, or the "
+                              f"experiment's if given, which must be the same)")
+    command.add_argument("--force", action="store_true", help=f"start a {name} folder in use afresh")
+
+
+def _stopped(args) -> str:
+    return f"p2pfed: stopped; {_kept(args)}" if args.run_dir else "p2pfed: stopped before any job started"
+
+
+def _kept(args) -> str:
+    if not args.run_dir:
+        return "no run folder was made"
+    done = len(list((Path(args.run_dir)).rglob("jobs/*.json")))
+    return (f"{done} finished job(s) kept in {args.run_dir}; `p2pfed {args.command} --resume {args.run_dir}` "
+            f"runs the rest")
+
+
+def _where(args) -> tuple[Path | None, bool]:
+    """The folder named by --out or --resume, and whether to resume."""
+    if isinstance(args.resume, str):
+        if args.out and Path(args.out) != Path(args.resume):
+            raise ConfigError(f"--resume {args.resume} and --out {args.out}: name the folder once")
+        return Path(args.resume), True
+    if args.resume and not args.out:
+        raise ConfigError("--resume: name the folder (--resume DIR, or --out DIR --resume)")
+    return (Path(args.out) if args.out else None), bool(args.resume)
 
 
 def _run(args) -> int:
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from p2pfed import report
-    from p2pfed.experiment import job_label, new_run_dir, quiet_transformers, run_experiment
+    from p2pfed.api import Swarm
+    from p2pfed.display import JobBars, Overall, job_rounds, progress_bars
+    from p2pfed.experiment import default_run_dir, quiet_transformers
 
-    config = load_experiment(args.experiment, args.overrides)
+    out, resume = _where(args)
+    if args.experiment:
+        swarm = Swarm(load_experiment(args.experiment, args.overrides))
+    elif resume:
+        swarm = Swarm.resume(out)
+        if args.overrides:  # only keys that change no result may differ (workers): the folder checks it
+            keys = {".".join(path): value for path, value in map(parse_override, args.overrides)}
+            swarm = Swarm(swarm.config, **keys)
+    else:
+        raise ConfigError("run: give an experiment file (p2pfed run EXPERIMENT.toml), or --resume RUN_DIR")
+    config = swarm.config
     quiet_transformers()
     console = Console()
-    run_dir = new_run_dir(config, args.out)
+    out = out or default_run_dir(config)
     where = ("one libp2p process per peer" if config.runtime == "libp2p"
              else f"in process, {config.workers} worker(s)")
     console.print(f"[bold]{config.name}[/]: {config.num_peers} peers, schemes {', '.join(config.schemes)}, "
-                  f"seeds {list(config.seeds)}, {where} -> {run_dir}")
-    per_job = config.num_peers * config.training.rounds
-    with Progress(TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console) as progress:
-        tasks = {job_label(scheme, seed): progress.add_task(job_label(scheme, seed), total=per_job)
-                 for seed in config.seeds for scheme in config.schemes}
-        summary = run_experiment(config, run_dir, lambda label, n: progress.advance(tasks[label], n),
-                                 log=console.print)
+                  f"seeds {list(config.seeds)}, {where} -> {out}")
+    jobs = len(config.schemes) * len(config.seeds)
+    with progress_bars(console) as bars:
+        overall = Overall(bars, "all jobs", jobs, jobs * job_rounds(config))
+        listener = JobBars(bars, config, overall)
+        args.run_dir = out
+        result = swarm.run(out, resume=resume, force=args.force, listener=listener, log=console.print)
+    summary = result.to_json()
     report.print_table(summary, console)
-    console.print(f"results.json, events.jsonl and plots in {run_dir} ({summary['wall_time_s']:.0f} s)")
+    console.print(f"results.json, events.jsonl and plots in {out} ({summary['wall_time_s']:.0f} s)")
     return 0
+
+
+def _sweep(args) -> int:
+    from rich.console import Console
+
+    from p2pfed.display import JobBars, Overall, job_rounds, progress_bars
+    from p2pfed.experiment import quiet_transformers
+    from p2pfed.sweep import plan_sweep, run_sweep, saved_points
+
+    out, resume = _where(args)
+    if args.experiment:
+        if not args.grids:
+            raise ConfigError("sweep: give at least one --grid KEY=[V1,V2,...]")
+        points = plan_sweep(args.experiment, args.grids, args.overrides)
+    elif resume:
+        if args.grids or args.overrides:
+            raise ConfigError("sweep --resume SWEEP_DIR runs the sweep as it was planned: no --grid or --set")
+        points = saved_points(out)
+    else:
+        raise ConfigError("sweep: give an experiment file and --grid KEY=[...], or --resume SWEEP_DIR")
+    quiet_transformers()
+    console = Console()
+    first = points[0].config
+    out = out or Path(first.output_dir) / f"sweep-{first.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    console.print(f"[bold]sweep[/] of {first.name}: {len(points)} points -> {out}")
+    jobs = sum(len(p.config.schemes) * len(p.config.seeds) for p in points)
+    rounds = sum(len(p.config.schemes) * len(p.config.seeds) * job_rounds(p.config) for p in points)
+    with progress_bars(console) as bars:
+        overall = Overall(bars, f"sweep, {len(points)} points", jobs, rounds)
+        args.run_dir = out
+        summary = run_sweep(points, out, resume=resume, force=args.force, log=console.print,
+                            listener_for=lambda p: JobBars(bars, p.config, overall, f"{p.name[:3]} ", upfront=False))
+    _print_sweep(summary, console)
+    console.print(f"summary.json, summary.csv and summary.png in {out}; a run folder per point")
+    return 0
+
+
+def _print_sweep(summary: dict, console) -> None:
+    from rich.table import Table
+
+    table = Table(title="Test perplexity by sweep point, mean ± std over peers and seeds")
+    for column in ("point", "scheme", "test ppl", "same-group trust"):
+        table.add_column(column, justify="left" if column in ("point", "scheme") else "right")
+    for row in summary["rows"]:
+        share = row["same_group_trust"]
+        table.add_row(row["point"], row["scheme"], f"{row['test_ppl_mean']:.3f} ± {row['test_ppl_std']:.3f}",
+                      "-" if share is None else f"{share:.2f}")
+    console.print(table)
 
 
 def _peer(args) -> int:
@@ -149,11 +253,23 @@ def _id(args) -> int:
 
 
 def _report(args) -> int:
-    from p2pfed import report
+    from p2pfed import plots, report
+    from p2pfed.runfolder import RESULTS_FILE, load_state_folders
 
-    summary = report.load_results(args.run_dir)
+    if len(args.paths) == 1 and (Path(args.paths[0]) / RESULTS_FILE).is_file():
+        run_dir = Path(args.paths[0])
+        summary = report.load_results(run_dir)
+    else:  # the state folders of peers run by hand, each with its result.json
+        jobs = load_state_folders(args.paths)
+        summary = report.summarize(None, jobs)
+        run_dir = Path(args.out) if args.out else Path(os.path.commonpath([Path(p).resolve() for p in args.paths]))
+        if not args.out and (run_dir / "result.json").is_file():
+            run_dir = run_dir.parent  # one state folder: beside it, not inside it
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / RESULTS_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        print(run_dir / RESULTS_FILE)
     report.print_table(summary)
-    for path in report.draw_plots(summary, Path(args.run_dir)):
+    for path in plots.draw_plots(summary, run_dir):
         print(path)
     return 0
 

@@ -1,4 +1,4 @@
-"""What a run leaves behind: results.json, a summary table, and plots (curves, trust heat map, topology)."""
+"""What a run leaves behind: results.json and the summary tables (the plots are p2pfed.plots)."""
 
 from __future__ import annotations
 
@@ -16,11 +16,14 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.pstdev(values) if len(values) > 1 else 0.0)
 
 
-def summarize(config: ExperimentConfig, results, clean_results=()) -> dict:
+def summarize(config: ExperimentConfig | None, results, clean_results=()) -> dict:
     """results.json: per scheme, test perplexity mean +- std over peers and seeds, per peer, trust, bytes;
-    with attackers, the honest peers' figures (and those of the same jobs run clean, if given)."""
+    with attackers, the honest peers' figures (and those of the same jobs run clean, if given). Without a
+    config (a swarm run by hand), the schemes and seeds are those of the results."""
+    names = list(config.schemes) if config is not None else list(dict.fromkeys(r.scheme for r in results))
+    seeds = list(config.seeds) if config is not None else sorted({r.seed for r in results})
     schemes: dict[str, dict] = {}
-    for scheme in config.schemes:
+    for scheme in names:
         jobs = [r for r in results if r.scheme == scheme]
         finals = [p.final_test_ppl for job in jobs for p in job.peers.values()]
         mean, std = _mean_std(finals)
@@ -41,18 +44,29 @@ def summarize(config: ExperimentConfig, results, clean_results=()) -> dict:
             "curve": {"round": rounds, "test_ppl_mean": curve},
             "missing_updates": sum(len(r.missing) for job in jobs for p in job.peers.values() for r in p.rounds),
             "by_profile": _by_profile(jobs),
+            "same_group_trust": _same_group_share(jobs),
         }
-        if config.attack:
+        if config is not None and config.attack:
             schemes[scheme]["attack"] = _attack_summary(config, jobs, [r for r in clean_results if r.scheme == scheme])
     first = results[0]
+    by_seed = {str(job.seed): job for job in results}
     return {
         "schemes": schemes,
-        "config": to_dict(config),
-        "seeds": list(config.seeds),
-        "groups": first.groups,
+        "config": to_dict(config) if config is not None else None,
+        "seeds": seeds,
+        "groups": first.groups,  # the first seed's; with mixed or dirichlet splits each seed has its own:
+        "groups_by_seed": {seed: job.groups for seed, job in by_seed.items()},
         "profiles": first.profiles,
         "edges": [list(edge) for edge in first.graph_edges],
+        "edges_by_seed": {seed: [list(edge) for edge in job.graph_edges] for seed, job in by_seed.items()},
     }
+
+
+def _same_group_share(jobs) -> float | None:
+    """Mean over peers and seeds of the final trust on self and same-group peers, with each seed's groups."""
+    shares = [sum(w for n, w in peer.final_trust.items() if job.groups.get(n) == job.groups.get(name))
+              for job in jobs if job.groups for name, peer in job.peers.items() if peer.final_trust]
+    return statistics.fmean(shares) if shares else None
 
 
 def _attack_summary(config: ExperimentConfig, jobs, clean_jobs) -> dict:
@@ -98,9 +112,12 @@ def load_results(run_dir: str | Path) -> dict:
 
 
 def same_group_trust(summary: dict, scheme: str) -> float | None:
-    """Mean over peers of the trust weight on self and same-group neighbours."""
-    groups = summary["groups"]
-    rows = summary["schemes"][scheme]["trust"]
+    """Mean over peers (and seeds) of the trust weight on self and same-group neighbours."""
+    row = summary["schemes"][scheme]
+    if "same_group_trust" in row:  # each seed's trust with its own groups
+        return row["same_group_trust"]
+    groups = summary["groups"]  # results.json written before groups were taken per seed
+    rows = row["trust"]
     shares = [sum(w for n, w in row.items() if groups.get(n) == groups.get(peer)) for peer, row in rows.items() if row]
     return statistics.fmean(shares) if shares else None
 
@@ -165,112 +182,3 @@ def _print_profile_table(summary: dict, console) -> None:
             cells.append(f"[bold green]{text}[/]" if best[profile] == name else text)
         table.add_row(name, *cells)
     console.print(table)
-
-
-def draw_plots(summary: dict, run_dir: str | Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    run_dir = Path(run_dir)
-    paths = [_curves(summary, run_dir, plt), _heatmaps(summary, run_dir, plt), _topology(summary, run_dir, plt),
-             _attacker_trust(summary, run_dir, plt)]
-    return [p for p in paths if p is not None]
-
-
-def _curves(summary, run_dir: Path, plt) -> Path:
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    for name, row in summary["schemes"].items():
-        axis.plot(row["curve"]["round"], row["curve"]["test_ppl_mean"], marker="o", markersize=3, label=name)
-    axis.set_xlabel("round")
-    axis.set_ylabel("test perplexity (mean over peers and seeds)")
-    axis.set_title("Test perplexity per round")
-    axis.grid(alpha=0.3)
-    axis.legend()
-    figure.tight_layout()
-    path = run_dir / "curves.png"
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
-
-
-def _trust_schemes(summary) -> list[str]:
-    return [s for s in summary["schemes"]
-            if parse_scheme(s).shares_anything and any(summary["schemes"][s]["trust"].values())]
-
-
-def _peer_names(summary) -> list[str]:
-    return sorted(summary["groups"], key=peer_index)
-
-
-def _heatmaps(summary, run_dir: Path, plt) -> Path | None:
-    schemes = _trust_schemes(summary)
-    if not schemes:
-        return None
-    names = _peer_names(summary)
-    labels = [f"{n} ({summary['groups'][n]})" for n in names]
-    figure, axes = plt.subplots(1, len(schemes), figsize=(4.2 * len(schemes) + 1, 4.4), squeeze=False)
-    for axis, scheme in zip(axes[0], schemes):
-        rows = summary["schemes"][scheme]["trust"]
-        matrix = [[rows.get(i, {}).get(j, 0.0) for j in names] for i in names]
-        image = axis.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis")
-        axis.set_title(scheme)
-        axis.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
-        axis.set_yticks(range(len(names)), labels if axis is axes[0][0] else names, fontsize=7)
-        axis.set_xlabel("trusted neighbour j")
-    axes[0][0].set_ylabel("peer i (row: its weights w_ij)")
-    figure.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
-    path = run_dir / "trust_heatmap.png"
-    figure.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(figure)
-    return path
-
-
-def _topology(summary, run_dir: Path, plt) -> Path:
-    import networkx as nx
-
-    names = _peer_names(summary)
-    graph = nx.Graph()
-    graph.add_nodes_from(names)
-    graph.add_edges_from(tuple(e) for e in summary["edges"])
-    position = nx.circular_layout(graph)
-    groups = sorted(set(summary["groups"].values()))
-    colours = [plt.cm.tab10(groups.index(summary["groups"][n]) % 10) for n in names]
-    schemes = _trust_schemes(summary) or [None]
-    figure, axes = plt.subplots(1, len(schemes), figsize=(4.2 * len(schemes), 4.4), squeeze=False)
-    for axis, scheme in zip(axes[0], schemes):
-        rows = summary["schemes"][scheme]["trust"] if scheme else {}
-        # An edge's width is the trust both ends put on each other (w_ij + w_ji).
-        widths = [0.5 + 8 * (rows.get(u, {}).get(v, 0.0) + rows.get(v, {}).get(u, 0.0)) if rows else 1.0
-                  for u, v in graph.edges()]
-        nx.draw_networkx(graph, position, ax=axis, node_color=colours, width=widths, edge_color="0.4",
-                         font_size=7, node_size=420)
-        axis.set_title(f"topology, edges by {scheme} trust" if scheme else "topology")
-        axis.axis("off")
-    path = run_dir / "topology.png"
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
-
-
-def _attacker_trust(summary, run_dir: Path, plt) -> Path | None:
-    rows = {name: row["attack"] for name, row in summary["schemes"].items() if "attack" in row}
-    if not rows:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    styles = ["-", "--", ":", "-."]
-    for i, (name, row) in enumerate(rows.items()):
-        ax.plot(row["attacker_trust"]["round"], row["attacker_trust"]["mean"], styles[i % len(styles)],
-                marker="o", label=name)
-    first = next(iter(rows.values()))
-    ax.set(xlabel="round", ylabel="weight on attackers (mean over honest peers)",
-           title=f"Trust on {', '.join(first['attackers'])} ({', '.join(first['kinds'])})")
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = run_dir / "attacker_trust.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
