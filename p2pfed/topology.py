@@ -261,8 +261,8 @@ def graphs_by_round(graph_at: GraphAt, num_peers: int, rounds: int) -> dict[int,
     graphs = {r: graph_at(r) for r in range(1, rounds + 1)}
     for r, graph in graphs.items():
         if set(graph.nodes) != set(range(num_peers)):
-            raise ValueError(f"the graph of round {r} must have the nodes 0..{num_peers - 1}, "
-                             f"got {sorted(graph.nodes)[:10]}")
+            raise ConfigError(f"topology: the graph of round {r} must have the nodes 0..{num_peers - 1}, "
+                              f"got {sorted(graph.nodes, key=str)[:10]}")
     return graphs
 
 

@@ -76,6 +76,14 @@ def test_a_newcomer_and_a_leaver_nobody_waits_and_the_newcomer_starts_from_the_s
     assert set(newcomer[4].trust) == {"peer0", "peer1", "peer2", "peer3"}
 
 
+def test_a_resampled_swarm_with_a_newcomer_resumes_as_if_never_stopped(workspace, tmp_path):
+    keys = ["training.local_steps=2", RESAMPLED, 'network.membership=[{peer="peer3", join=3}, {peer="peer1", leave=4}]']
+    whole = run_job(small_config("training.rounds=4", *keys), workspace, "fedavg", seed=0)
+    run_job(small_config("training.rounds=2", *keys), workspace, "fedavg", seed=0, state_root=tmp_path)
+    resumed = run_job(small_config("training.rounds=4", *keys), workspace, "fedavg", seed=0, state_root=tmp_path)
+    assert records(resumed) == records(whole)
+
+
 def test_round_records_without_neighbours_still_load():
     old = {"round": 1, "steps": 2, "train_loss": 3.0, "test_ppl": 4.0, "trust": {"peer0": 1.0}, "missing": [],
            "bytes_sent": 0, "online": True}
@@ -130,3 +138,8 @@ def test_4_libp2p_processes_follow_a_resampled_graph_and_membership_as_in_proces
     assert networked.graph_edges == simulated.graph_edges
     peer_file = (tmp_path / "libp2p" / "validation-seed0" / "peer0.toml").read_text()
     assert "resample_every = 1" in peer_file and 'peer = "peer3"' in peer_file
+
+
+def test_a_graph_per_round_with_other_nodes_is_a_configuration_error(workspace):
+    with pytest.raises(ConfigError, match=r"topology: the graph of round 1 must have the nodes 0\.\.3"):
+        run_job(small_config("training.rounds=1"), workspace, "fedavg", seed=0, graph=lambda r: nx.cycle_graph(5))
