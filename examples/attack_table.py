@@ -2,7 +2,8 @@
 
     python examples/attack_table.py [--out runs/attack-table] [--set KEY=VALUE ...]
 
-Runs examples/attacks.toml once without the attacker, then once per attack kind, and writes
+Runs examples/attacks.toml once without the attacker, then once per attack kind (run folders that are
+done already are read, not run again), and writes
 attack_table.md (honest peers' test perplexity change against the clean run, and the mean weight the
 honest peers put on the attacker in the last round) beside the run folders.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from pathlib import Path
 
 from p2pfed.config import ATTACK_KINDS
@@ -41,6 +43,11 @@ def main() -> None:
 
 
 def _run(config, run_dir: Path) -> dict:
+    """One run; a run folder that already holds results.json is read instead (a stopped table resumes)."""
+    results = run_dir / "results.json"
+    if results.is_file():
+        print(f"-> {run_dir} (done before)", flush=True)
+        return json.loads(results.read_text(encoding="utf-8"))
     run_dir.mkdir(parents=True, exist_ok=True)
     print(f"-> {run_dir}", flush=True)
     return run_experiment(config, run_dir, log=lambda *_: None)
