@@ -1,7 +1,8 @@
 """p2pfed: decentralized, personalized fine-tuning of language models with LoRA over libp2p.
 
 `from p2pfed import Peer, load_peer` gives the embeddable networked peer (and its events), `from p2pfed import
-Swarm` experiments from a script (p2pfed.api); the rest lives in the submodules. Imported lazily: libp2p and torch take seconds to import.
+Swarm` experiments from a script (p2pfed.api); the rest lives in the submodules. Imported lazily: libp2p and
+torch take seconds to import.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
                   topology=nx.cycle_graph(4), training={"rounds": 3})
     result = swarm.run(out="runs/ring")            # blocking; a SwarmResult, results.json typed
 
-    async with Swarm(num_peers=4, data=[Path("a"), Path("b"), "some text", ("news", Path("c.txt"))]) as run:
+    async with Swarm(texts=[Path("a"), Path("b"), "some text", ("news", Path("c.txt"))]) as run:
         async for event in run.events():           # SwarmEvent(scheme, seed, peer, event): the Peer's events
             ...
         result = await run.result()
@@ -14,8 +14,8 @@
 The config is an ExperimentConfig, an experiment file or None (the defaults), with keyword overrides of any key
 (`training={"rounds": 3}` or `**{"training.rounds": 3}`). `topology` is a networkx.Graph (nodes 0..n-1 or peer
 names), a function round -> Graph (a graph per round), a TopologyConfig, a table, a topologies/*.toml path or a
-generator name ("ring"). `data` gives each peer its own text (p2pfed.inputs.peer_texts). `p2pfed run` is this
-class with a progress display.
+generator name ("ring"). `texts` gives each peer its own text instead of the config's data split
+(p2pfed.inputs.peer_texts: folders, files or strings). `p2pfed run` is this class with a progress display.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import networkx as nx
 from p2pfed.config import ConfigError, ExperimentConfig, TopologyConfig
 from p2pfed.experiment import Listener, RunStopped, run_experiment
 from p2pfed.inputs import JobInputs, peer_texts, static_graph
-from p2pfed.load import from_dict, load_experiment, load_topology, to_dict
+from p2pfed.load import TOPOLOGIES, from_dict, load_experiment, resolve_topology, to_dict
 from p2pfed.peer import PeerEvent, RoundFinished, TrustChanged, UpdateReceived
 from p2pfed.preflight import check_experiment
 from p2pfed.records import RoundRecord
@@ -60,7 +60,7 @@ class Swarm:
     `start()` or `async with`."""
 
     def __init__(self, config: ExperimentConfig | str | os.PathLike | None = None, *, topology: Any = None,
-                 data: Any = None, **keys: Any):
+                 texts: Any = None, **keys: Any):
         base = config if isinstance(config, ExperimentConfig) else load_experiment(config)
         plain = to_dict(base)
         for key, value in keys.items():
@@ -73,13 +73,14 @@ class Swarm:
             graph = topology
         elif topology is not None:
             plain["topology"] = _topology_table(topology)
-        if data is not None and "num_peers" not in keys and graph is None:
-            plain["num_peers"] = len(data)
+        if texts is not None and "num_peers" not in keys and graph is None:
+            plain["num_peers"] = len(texts)
         self.config: ExperimentConfig = from_dict(ExperimentConfig, plain).validate()
         check_schemes(self.config)
         self.graph = graph
-        self.data = data  # read when the swarm runs: a constructor touches no disk
+        self.texts = texts  # read when the swarm runs: a constructor touches no disk
         self._running: RunningSwarm | None = None
+        self._checked: tuple | None = None  # what check() found, for the run() that follows it
 
     def __repr__(self) -> str:
         return f"Swarm({self.config.name!r}, {self.config.num_peers} peers, schemes {list(self.config.schemes)})"
@@ -97,8 +98,20 @@ class Swarm:
 
     def inputs(self) -> JobInputs:
         """The graph and the peers' texts for the jobs (reads the text folders)."""
-        texts = peer_texts(self.data, self.config.num_peers) if self.data is not None else None
+        texts = peer_texts(self.texts, self.config.num_peers) if self.texts is not None else None
         return JobInputs(graph=self.graph, texts=texts)
+
+    def check(self, out: str | os.PathLike | None = None, *, resume: bool = False, force: bool = False,
+              log: Callable[..., None] = print) -> None:
+        """Everything that can fail before work starts (the folder's use, the model, the data, each seed's graph
+        and split): raises ConfigError or OSError, and makes nothing. `run` checks first unless done already."""
+        config = self.config
+        inputs = self.inputs()
+        fingerprint = inputs.fingerprint(config.training.rounds)
+        if out is not None:
+            RunFolder(out).check(config, resume=resume, force=force, fingerprint=fingerprint)
+        workspace = check_experiment(config, inputs, log)
+        self._checked = ((out, resume, force), inputs, workspace, fingerprint)
 
     def run(self, out: str | os.PathLike | None = None, *, resume: bool = False, force: bool = False,
             on_event: Callable[[SwarmEvent], None] | None = None, listener: Listener | None = None,
@@ -108,16 +121,14 @@ class Swarm:
         `out` must be new or empty, unless `resume` (run only the jobs it does not hold yet) or `force` (start
         afresh). Everything checkable is checked before the folder is made. `on_event` gets every SwarmEvent, in
         this process, as the jobs run (from worker processes too)."""
-        config = self.config
-        inputs = self.inputs()
-        fingerprint = inputs.fingerprint(config.training.rounds)
+        if self._checked is None or self._checked[0] != (out, resume, force):
+            self.check(out, resume=resume, force=force, log=log)
+        _, inputs, workspace, fingerprint = self._checked
+        self._checked = None  # a later run checks again: the folder has changed
         folder = RunFolder(out) if out is not None else None
         if folder is not None:
-            folder.check(config, resume=resume, force=force, fingerprint=fingerprint)
-        workspace = check_experiment(config, inputs, log)
-        if folder is not None:
-            folder.make(config, force=force, fingerprint=fingerprint)
-        summary = run_experiment(config, folder, _EventListener(on_event, listener), log, inputs=inputs,
+            folder.make(self.config, force=force, fingerprint=fingerprint)
+        summary = run_experiment(self.config, folder, _EventListener(on_event, listener), log, inputs=inputs,
                                  workspace=workspace)
         return SwarmResult.from_json(summary, folder.path if folder is not None else None)
 
@@ -156,13 +167,10 @@ def _topology_table(topology: Any) -> dict:
         return to_dict(topology)
     if isinstance(topology, dict):
         return topology
-    if isinstance(topology, (str, os.PathLike)):
-        if Path(topology).is_file():
-            return to_dict(load_topology(topology))
-        if str(topology) in GENERATORS:
+    if isinstance(topology, (str, os.PathLike)):  # a shipped topology's name ("ring") or a file's path
+        if str(topology) in GENERATORS and not (TOPOLOGIES / f"{topology}.toml").is_file():
             return {"generator": str(topology)}
-        raise ConfigError(f"topology: {str(topology)!r} is neither a topology file nor a generator "
-                          f"({', '.join(GENERATORS)})")
+        return resolve_topology(str(topology), Path.cwd())
     raise ConfigError(f"topology: expected a networkx.Graph, a function round -> Graph, a TopologyConfig, a table, "
                       f"a file or a generator name, got {type(topology).__name__}")
 

@@ -124,6 +124,7 @@ def _run(args) -> int:
     quiet_transformers()
     console = Console()
     out = out or default_run_dir(config)
+    swarm.check(out, resume=resume, force=args.force, log=console.print)  # before anything is drawn or made
     where = ("one libp2p process per peer" if config.runtime == "libp2p"
              else f"in process, {config.workers} worker(s)")
     console.print(f"[bold]{config.name}[/]: {config.num_peers} peers, schemes {', '.join(config.schemes)}, "
@@ -145,7 +146,7 @@ def _sweep(args) -> int:
 
     from p2pfed.display import JobBars, Overall, job_rounds, progress_bars
     from p2pfed.experiment import quiet_transformers
-    from p2pfed.sweep import plan_sweep, run_sweep, saved_points
+    from p2pfed.sweep import check_sweep, plan_sweep, run_sweep, saved_points
 
     out, resume = _where(args)
     if args.experiment:
@@ -162,13 +163,14 @@ def _sweep(args) -> int:
     console = Console()
     first = points[0].config
     out = out or Path(first.output_dir) / f"sweep-{first.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    checked = check_sweep(points, out, resume=resume, force=args.force, log=console.print)
     console.print(f"[bold]sweep[/] of {first.name}: {len(points)} points -> {out}")
     jobs = sum(len(p.config.schemes) * len(p.config.seeds) for p in points)
     rounds = sum(len(p.config.schemes) * len(p.config.seeds) * job_rounds(p.config) for p in points)
     with progress_bars(console) as bars:
         overall = Overall(bars, f"sweep, {len(points)} points", jobs, rounds)
         args.run_dir = out
-        summary = run_sweep(points, out, resume=resume, force=args.force, log=console.print,
+        summary = run_sweep(points, out, resume=resume, force=args.force, log=console.print, checked=checked,
                             listener_for=lambda p: JobBars(bars, p.config, overall, f"{p.name[:3]} ", upfront=False))
     _print_sweep(summary, console)
     console.print(f"summary.json, summary.csv and summary.png in {out}; a run folder per point")

@@ -11,54 +11,25 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import multiprocessing
-import signal
 import tempfile
-import threading
 import time
 import warnings
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from datetime import datetime
 from pathlib import Path
-from queue import Empty
 
 import torch
 
 from p2pfed import plots, report
 from p2pfed.config import ExperimentConfig
 from p2pfed.inputs import JobInputs
-from p2pfed.job import JobResult, Workspace, open_workspace
+from p2pfed.job import JobResult, Workspace
 from p2pfed.preflight import check_experiment
-from p2pfed.records import RoundRecord
 from p2pfed.runfolder import RunFolder
-from p2pfed.swarm import run_job
 from p2pfed.topology import TopologyWarning
+from p2pfed.workers import Listener, RunStopped, WorkerPool, quiet_transformers, run_one
 
-
-class RunStopped(Exception):
-    """The run's owner asked it to stop before its last job (a script left its `async with` block early)."""
-
-
-class Listener:
-    """What a run tells its owner as it goes; every method runs in the owner's process. The default ignores it."""
-
-    def job_started(self, scheme: str, seed: int) -> None:
-        pass
-
-    def progress(self, scheme: str, seed: int, rounds: int) -> None:
-        """`rounds` more peer-rounds of the job are done (a job has num_peers x training.rounds)."""
-
-    def round_finished(self, scheme: str, seed: int, peer: str, record: RoundRecord) -> None:
-        pass
-
-    def update_received(self, scheme: str, seed: int, peer: str, sender: str, round_index: int) -> None:
-        pass
-
-    def job_finished(self, result: JobResult, resumed: bool) -> None:
-        """A job is done; `resumed`: it was found finished in the run folder and did not run again."""
-
-    def stop_requested(self) -> bool:
-        return False
+__all__ = ["Listener", "RunStopped", "WorkerPool", "default_run_dir", "job_label", "quiet_transformers",
+           "run_experiment"]
 
 
 class _StopOnly(Listener):
@@ -69,14 +40,6 @@ class _StopOnly(Listener):
 
     def stop_requested(self) -> bool:
         return self.owner.stop_requested()
-
-
-def quiet_transformers() -> None:
-    """Hide transformers' per-load progress bars and notes; our own progress display says what runs."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
 
 
 def default_run_dir(config: ExperimentConfig) -> Path:
@@ -95,13 +58,14 @@ def job_label(scheme: str, seed: int) -> str:
 
 def run_experiment(config: ExperimentConfig, run_dir: RunFolder | str | Path | None = None,
                    listener: Listener | None = None, log=print, *, inputs: JobInputs = JobInputs(),
-                   workspace: Workspace | None = None) -> dict:
+                   workspace: Workspace | None = None, pool: WorkerPool | None = None) -> dict:
     """Every job of `config` that `run_dir` does not hold finished yet; then events.jsonl, results.json and
     the plots there. Returns results.json's content.
 
     A RunFolder is used as is (its owner checked and made it, p2pfed.api); a path is made afresh (what
     p2pfed wrote there before is replaced); None keeps everything in memory. Without `workspace` (from
-    preflight.check_experiment), the experiment is checked here first.
+    preflight.check_experiment), the experiment is checked here first. With workers > 1 the jobs run in
+    `pool` (a sweep's points share one), or in a pool of their own.
     """
     started = time.perf_counter()
     listener = listener or Listener()
@@ -112,12 +76,15 @@ def run_experiment(config: ExperimentConfig, run_dir: RunFolder | str | Path | N
         folder = RunFolder(run_dir)
         folder.make(config, force=True, fingerprint=inputs.fingerprint(config.training.rounds))
     jobs = [(scheme, seed) for seed in config.seeds for scheme in config.schemes]
-    results = _run_jobs(config, inputs, jobs, folder, listener, log, workspace, clean=False)
-    clean = []
-    if config.attack and config.compare_clean:
-        log("Running the same jobs without the attackers, for comparison")
-        clean = _run_jobs(dataclasses.replace(config, attack=()), inputs, jobs, folder, _StopOnly(listener), log,
-                          workspace, clean=True)
+    with contextlib.ExitStack() as stack:
+        if pool is None and config.workers > 1 and config.runtime == "inprocess":
+            pool = stack.enter_context(WorkerPool(config.workers))
+        results = _run_jobs(config, inputs, jobs, folder, listener, workspace, pool, clean=False)
+        clean = []
+        if config.attack and config.compare_clean:
+            log("Running the same jobs without the attackers, for comparison")
+            clean = _run_jobs(dataclasses.replace(config, attack=()), inputs, jobs, folder, _StopOnly(listener),
+                              workspace, pool, clean=True)
     summary = report.summarize(config, results, clean)
     summary["wall_time_s"] = round(time.perf_counter() - started, 2)
     if folder is not None:
@@ -128,7 +95,7 @@ def run_experiment(config: ExperimentConfig, run_dir: RunFolder | str | Path | N
 
 
 def _run_jobs(config: ExperimentConfig, inputs: JobInputs, jobs: list[tuple[str, int]], folder: RunFolder | None,
-              listener: Listener, log, workspace: Workspace, clean: bool) -> list[JobResult]:
+              listener: Listener, workspace: Workspace, pool: WorkerPool | None, clean: bool) -> list[JobResult]:
     done: dict[tuple[str, int], JobResult] = {}
     for scheme, seed in jobs:
         found = folder.load_job(scheme, seed, clean) if folder is not None else None
@@ -138,10 +105,10 @@ def _run_jobs(config: ExperimentConfig, inputs: JobInputs, jobs: list[tuple[str,
     todo = [job for job in jobs if job not in done]
     if config.runtime == "libp2p":
         results = _run_libp2p(config, todo, folder, listener, workspace)
-    elif config.workers == 1 or len(todo) <= 1:
+    elif pool is None or config.workers == 1 or len(todo) <= 1:
         results = _run_here(config, inputs, todo, listener, workspace)
     else:
-        results = _run_in_workers(config, inputs, todo, listener)
+        results = pool.run(config, inputs, todo, listener)
     for result in results:
         if folder is not None:
             folder.save_job(result, clean)  # written as it finishes: an interrupted run keeps it
@@ -172,134 +139,3 @@ def _run_here(config: ExperimentConfig, inputs: JobInputs, jobs, listener: Liste
                 yield run_one(config, workspace, inputs, scheme, seed, listener)
     finally:
         torch.set_num_threads(threads)
-
-
-def run_one(config: ExperimentConfig, workspace: Workspace, inputs: JobInputs, scheme: str, seed: int,
-            listener: Listener) -> JobResult:
-    """One job in this process, its rounds and updates told to `listener` (which may stop it)."""
-    listener.job_started(scheme, seed)
-
-    def on_round(peer: str, record: RoundRecord) -> None:
-        if listener.stop_requested():
-            raise RunStopped("the run was stopped by its owner")
-        if record.round > 0:
-            listener.progress(scheme, seed, 1)
-        listener.round_finished(scheme, seed, peer, record)
-
-    def on_update(peer: str, message) -> None:
-        listener.update_received(scheme, seed, peer, message.sender, message.round)
-
-    data = inputs.data_for(workspace.base.tokenizer.encode, config.data, seed)
-    return run_job(config, workspace, scheme, seed, on_round, graph=inputs.graph, data=data, on_update=on_update)
-
-
-# -- worker processes ----------------------------------------------------------------------
-
-_worker_state: dict = {}  # one per worker process: the experiment, its inputs, its workspace, the queue
-
-
-class _QueueListener(Listener):
-    """A worker's listener: each call goes to the parent through the queue, as (method name, arguments)."""
-
-    def __init__(self, queue):
-        self.queue = queue
-
-    def job_started(self, *args) -> None:
-        self.queue.put(("job_started", args))
-
-    def progress(self, *args) -> None:
-        self.queue.put(("progress", args))
-
-    def round_finished(self, *args) -> None:
-        self.queue.put(("round_finished", args))
-
-    def update_received(self, *args) -> None:
-        self.queue.put(("update_received", args))
-
-
-def _worker_init(config: ExperimentConfig, inputs: JobInputs, queue) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops the workers itself
-    quiet_transformers()
-    warnings.simplefilter("ignore", TopologyWarning)  # the parent showed them when it checked the graphs
-    torch.set_num_threads(1)  # two 1-thread workers beat one 2-thread process (docs/compute.md, "Threads or processes")
-    _worker_state.update(config=config, inputs=inputs, queue=queue)
-
-
-def _worker_job(scheme: str, seed: int) -> JobResult:
-    state = _worker_state
-    if "workspace" not in state:
-        # Opened by the first job, not by the initializer: an error here then reaches the parent as this job's
-        # error (the same exception as in process), not as a broken pool.
-        state["workspace"] = open_workspace(state["config"], log=lambda *_: None)
-    try:
-        return run_one(state["config"], state["workspace"], state["inputs"], scheme, seed,
-                       _QueueListener(state["queue"]))
-    finally:
-        state["queue"].put((_JOB_END, (scheme, seed)))  # after every note of the job: the parent waits for it
-
-
-@contextlib.contextmanager
-def _workers_ignore_ctrl_c():
-    """Worker processes started in this block inherit an ignored SIGINT: Ctrl-C reaches the parent only."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signals belong to the main thread; the initializer ignores SIGINT in the workers anyway
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def _run_in_workers(config: ExperimentConfig, inputs: JobInputs, jobs, listener: Listener):
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    pool = ProcessPoolExecutor(min(config.workers, len(jobs)), mp_context=context, initializer=_worker_init,
-                               initargs=(config, inputs, queue))
-    try:
-        with _workers_ignore_ctrl_c():
-            jobs_of = {pool.submit(_worker_job, scheme, seed): (scheme, seed) for scheme, seed in jobs}
-        pending, ended = set(jobs_of), set()
-        while pending:
-            # Wake up often enough to show per-round progress while the jobs run.
-            finished, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
-            _drain(queue, listener, ended)
-            if listener.stop_requested():
-                raise RunStopped("the run was stopped by its owner")
-            for future in finished:
-                if future.exception() is None:
-                    _drain(queue, listener, ended, until=jobs_of[future])  # the job's last notes come first
-                yield future.result()  # a worker's error is raised here, as the worker raised it
-    except BaseException:
-        _terminate(pool)  # Ctrl-C, a stop or a failed job: the other jobs stop now, not when they finish
-        raise
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        queue.close()
-        queue.cancel_join_thread()
-
-
-def _terminate(pool: ProcessPoolExecutor) -> None:
-    terminate = getattr(pool, "terminate_workers", None)  # Python 3.14
-    if terminate is not None:
-        terminate()
-        return
-    for process in list((getattr(pool, "_processes", None) or {}).values()):
-        if process.is_alive():
-            process.terminate()
-
-
-_JOB_END = "job_end"  # a worker's last note of a job
-
-
-def _drain(queue, listener: Listener, ended: set, until: tuple[str, int] | None = None) -> None:
-    """Pass the workers' notes on to `listener`; with `until`, wait (a little) for that job's last note."""
-    while until is None or until not in ended:
-        try:
-            name, args = queue.get(timeout=5.0) if until is not None else queue.get_nowait()
-        except Empty:
-            return
-        if name == _JOB_END:
-            ended.add(tuple(args))
-        else:
-            getattr(listener, name)(*args)

@@ -108,7 +108,7 @@ def static_graph(graph: nx.Graph, num_peers: int | None = None) -> nx.Graph:
 
 
 def peer_texts(data: Sequence | Mapping, num_peers: int | None = None) -> tuple[PeerText, ...]:
-    """Per-peer data as a script gives it, read into PeerTexts.
+    """Per-peer texts as a script gives them (Swarm's `texts`), read into PeerTexts.
 
     `data` is a list (peer i at index i) or a mapping by peer name or index. Each item is a `Path` (a .txt file,
     or a folder of .txt files; its group is the file's or folder's name), a `str` (the text itself; its group is

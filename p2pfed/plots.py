@@ -104,24 +104,27 @@ def _neighbours(summary) -> set[tuple[str, str]]:
     return {(u, v) for u, v in edges} | {(v, u) for u, v in edges}
 
 
-def _heatmaps(summary, run_dir: Path, plt) -> Path | None:
+def trust_matrix(summary, scheme: str, names: list[str]):
+    """w_ij of `scheme` as a masked array: a pair that never were neighbours has no trust at all and is masked
+    (drawn grey), unlike a neighbour given weight 0."""
     import numpy as np
 
+    rows, edges = summary["schemes"][scheme]["trust"], _neighbours(summary)
+    return np.ma.masked_invalid([[rows.get(i, {}).get(j, 0.0) if i == j or (i, j) in edges or j in rows.get(i, {})
+                                  else math.nan for j in names] for i in names])
+
+
+def _heatmaps(summary, run_dir: Path, plt) -> Path | None:
     schemes = _trust_schemes(summary)
     if not schemes:
         return None
     names = peer_names(summary)
-    edges = _neighbours(summary)
     labels = [f"{n} ({group_label(summary, n)})" if group_label(summary, n) else n for n in names]
     colours = plt.get_cmap("viridis").with_extremes(bad=NO_EDGE_COLOUR)
     figure, axes = _grid(plt, len(schemes), 4.3, 4.3)
     image = None
     for k, (axis, scheme) in enumerate(zip(axes, schemes)):
-        rows = summary["schemes"][scheme]["trust"]
-        # A pair that never were neighbours has no trust at all: masked (grey), unlike a neighbour given 0.
-        matrix = np.ma.masked_invalid([[rows.get(i, {}).get(j, 0.0) if (i == j or (i, j) in edges
-                                         or j in rows.get(i, {})) else math.nan for j in names] for i in names])
-        image = axis.imshow(matrix, vmin=0.0, vmax=1.0, cmap=colours)
+        image = axis.imshow(trust_matrix(summary, scheme, names), vmin=0.0, vmax=1.0, cmap=colours)
         axis.set_title(scheme)
         axis.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
         first_column = k % min(len(schemes), 3) == 0
@@ -186,32 +189,29 @@ def _attacker_trust(summary, run_dir: Path, plt) -> Path | None:
     return _save(figure, run_dir / "attacker_trust.png", plt)
 
 
-def draw_sweep(rows: list[dict], path: str | Path, title: str = "Test perplexity by sweep point") -> Path:
-    """Grouped bars: one group per sweep point (its values other than the scheme), one bar per scheme, with the
-    std over peers and seeds as error bars and each seed's mean as a dot."""
+def draw_sweep(rows: list[dict], path: str | Path) -> Path:
+    """One column per sweep point (its values other than the scheme), a marker per scheme at its mean test
+    perplexity with the std over peers and seeds as an error bar, and each seed's mean as a small dot."""
     plt = _pyplot()
     points = list(dict.fromkeys(row["label"] for row in rows))
     schemes = list(dict.fromkeys(row["scheme"] for row in rows))
     width = 0.8 / len(schemes)
-    figure, axis = plt.subplots(figsize=(max(6.0, 1.1 * len(points) * max(1, len(schemes)) ** 0.5 + 2), 4.6))
+    figure, axis = plt.subplots(figsize=(max(6.0, 1.2 * len(points) * max(1, len(schemes)) ** 0.5 + 2.5), 4.6))
     for k, scheme in enumerate(schemes):
-        colour, labelled = plt.cm.tab10(k % 10), False
-        for i, point in enumerate(points):
-            row = next((r for r in rows if r["label"] == point and r["scheme"] == scheme), None)
-            if row is None:
-                continue
-            x = i - 0.4 + width * (k + 0.5)
-            axis.bar(x, row["test_ppl_mean"], width * 0.9, yerr=row["test_ppl_std"], color=colour, capsize=2,
-                     label=None if labelled else scheme)
-            labelled = True
-            per_seed = list(row["per_seed"].values())
-            axis.plot([x] * len(per_seed), per_seed, "k.", markersize=4)
-    axis.set_xticks(range(len(points)), points, rotation=20 if len(points) > 3 else 0, ha="right"
-                    if len(points) > 3 else "center", fontsize=8)
-    low = min(r["test_ppl_mean"] - r["test_ppl_std"] for r in rows)
-    axis.set_ylim(bottom=max(0.0, 0.9 * low))
-    axis.set_ylabel("test perplexity (mean ± std over peers and seeds; dots: seeds)")
-    axis.set_title(title)
+        mine = [(i, r) for i, point in enumerate(points) for r in rows if r["label"] == point and r["scheme"] == scheme]
+        xs = [i - 0.4 + width * (k + 0.5) for i, _ in mine]
+        axis.errorbar(xs, [r["test_ppl_mean"] for _, r in mine], yerr=[r["test_ppl_std"] for _, r in mine],
+                      color=plt.cm.tab10(k % 10), marker=MARKERS[k % len(MARKERS)], linestyle="none", capsize=3,
+                      markersize=7, label=scheme)
+        for x, (_, r) in zip(xs, mine):
+            per_seed = list(r["per_seed"].values())
+            axis.plot([x] * len(per_seed), per_seed, ".", color="0.35", markersize=4)
+    rotate = len(points) > 3
+    axis.set_xticks(range(len(points)), points, rotation=20 if rotate else 0, ha="right" if rotate else "center",
+                    fontsize=8)
+    axis.set_xlim(-0.6, len(points) - 0.4)
+    axis.set_ylabel("test perplexity")
+    axis.set_title("Test perplexity by sweep point: mean ± std over peers and seeds (dots: each seed)", fontsize=10)
     axis.grid(axis="y", alpha=0.3)
     axis.legend(title="scheme", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(figure, Path(path), plt)

@@ -8,13 +8,11 @@ text for every peer), attacks that need a second group, and the adapter targets 
 
 from __future__ import annotations
 
-import json
-
 from p2pfed.config import ExperimentConfig
 from p2pfed.inputs import JobInputs
 from p2pfed.job import Workspace, job_setup, open_workspace
-from p2pfed.load import to_dict
 from p2pfed.strategies import check_schemes, parse_scheme
+from p2pfed.workers import workspace_key
 
 
 def check_experiment(config: ExperimentConfig, inputs: JobInputs = JobInputs(), log=print,
@@ -24,8 +22,7 @@ def check_experiment(config: ExperimentConfig, inputs: JobInputs = JobInputs(), 
     `workspaces` caches them across the experiments of a sweep."""
     check_schemes(config)
     inputs.check(config)
-    key = json.dumps([to_dict(config.model), config.data.source, list(config.data.groups), to_dict(config.lora),
-                      to_dict(config.experts)])
+    key = workspace_key(config)
     workspace = workspaces.get(key) if workspaces is not None else None
     if workspace is None:
         workspace = open_workspace(config, log=log)  # the model source, the data folder and its groups

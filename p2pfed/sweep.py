@@ -10,8 +10,8 @@
     SWEEP_DIR/summary.png     test perplexity by point and scheme
 
 Any config key takes a grid. A list key (schemes, seeds, data.groups, ...) given single values runs one value per
-point (`schemes=[local,fedavg]` is two points); lists of lists give whole lists. A topology value is a file, a
-topologies/NAME.toml file of the current folder or the experiment's, or a generator name.
+point (`schemes=[local,fedavg]` is two points); lists of lists give whole lists. A topology value is what `--set
+topology=...` takes: a shipped topology's name (`ring`, `random_regular`: topologies/NAME.toml), a file or a table.
 """
 
 from __future__ import annotations
@@ -28,13 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from p2pfed.config import ConfigError, ExperimentConfig
-from p2pfed.experiment import Listener, run_experiment
+from p2pfed.experiment import Listener, WorkerPool, run_experiment
 from p2pfed.load import from_dict, load_experiment, to_dict
 from p2pfed.plots import draw_sweep
 from p2pfed.preflight import check_experiment
 from p2pfed.report import load_results
 from p2pfed.runfolder import RESULTS_FILE, RunFolder, differences
-from p2pfed.topology import GENERATORS
 
 SWEEP_FILE = "sweep.json"
 SUMMARY_FILES = ("summary.json", "summary.csv", "summary.png")
@@ -101,27 +100,19 @@ def plan_sweep(experiment: str | Path, grids: Sequence[str], overrides: Sequence
     keys = [key for key, _ in parsed]
     if len(set(keys)) != len(keys):
         raise ConfigError(f"--grid: {sorted({k for k in keys if keys.count(k) > 1})[0]} is given twice")
-    base_dir = Path(experiment).resolve().parent
     points = []
     for i, combination in enumerate(itertools.product(*(values for _, values in parsed))):
         values = dict(zip(keys, combination))
-        sets = [f"{key}={_toml(_point_value(key, value, base_dir))}" for key, value in values.items()]
+        sets = [f"{key}={_toml(_point_value(key, value))}" for key, value in values.items()]
         config = load_experiment(experiment, [*overrides, *sets])
         label = "_".join(f"{key}={_short(value)}" for key, value in values.items())
         points.append(SweepPoint(f"{i:02d}-{re.sub(r'[^A-Za-z0-9._=+-]', '_', label)[:80]}", values, config))
     return points
 
 
-def _point_value(key: str, value: Any, base_dir: Path) -> Any:
-    if key == "topology" and isinstance(value, str):
-        for candidate in (Path(value), base_dir / value, Path("topologies") / f"{value}.toml",
-                          base_dir.parent / "topologies" / f"{value}.toml"):
-            if candidate.is_file():
-                return str(candidate.resolve())
-        if value in GENERATORS:
-            return {"generator": value}
-        raise ConfigError(f"--grid topology: {value!r} is neither a topology file nor a generator "
-                          f"({', '.join(GENERATORS)})")
+def _point_value(key: str, value: Any) -> Any:
+    # A topology value is written as --set would take it: a shipped topology's name ("ring"), a file's path
+    # (from the working directory) or a table (load.resolve_topology).
     if _is_list_key(key) and not isinstance(value, list):
         return [value]
     return value
@@ -169,10 +160,10 @@ def saved_points(sweep_dir: str | Path) -> list[SweepPoint]:
             for p in data["points"]]
 
 
-def run_sweep(points: Sequence[SweepPoint], sweep_dir: str | Path, *, resume: bool = False, force: bool = False,
-              listener_for: Callable[[SweepPoint], Listener] | None = None, log=print) -> dict:
-    """Run every point not finished yet into its run folder, then write the summary; returns summary.json's data.
-    Every point is checked (and the folder's use) before anything is written."""
+def check_sweep(points: Sequence[SweepPoint], sweep_dir: str | Path, *, resume: bool = False, force: bool = False,
+                log=print) -> dict[str, Any]:
+    """Every point checked (p2pfed.preflight) and the folder's use, before anything is written; each point's
+    workspace, for run_sweep."""
     sweep_dir = Path(sweep_dir)
     if resume and force:
         raise ConfigError("--resume and --force: choose one (finish the sweep in the folder, or start afresh)")
@@ -189,6 +180,17 @@ def run_sweep(points: Sequence[SweepPoint], sweep_dir: str | Path, *, resume: bo
     for point in points:
         RunFolder(sweep_dir / point.name).check(point.config, resume=resume, force=force)
         checked[point.name] = check_experiment(point.config, log=log, workspaces=workspaces)
+    return checked
+
+
+def run_sweep(points: Sequence[SweepPoint], sweep_dir: str | Path, *, resume: bool = False, force: bool = False,
+              listener_for: Callable[[SweepPoint], Listener] | None = None, log=print,
+              checked: dict[str, Any] | None = None) -> dict:
+    """Run every point not finished yet into its run folder, then write the summary; returns summary.json's data.
+    Checks everything first (check_sweep) unless `checked` holds what it returned."""
+    sweep_dir = Path(sweep_dir)
+    if checked is None:
+        checked = check_sweep(points, sweep_dir, resume=resume, force=force, log=log)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     if force:
         for name in SUMMARY_FILES:
@@ -197,18 +199,20 @@ def run_sweep(points: Sequence[SweepPoint], sweep_dir: str | Path, *, resume: bo
         {"name": p.name, "values": p.values, "config": to_dict(p.config)} for p in points]}, indent=2),
         encoding="utf-8")
     results = {}
-    for point in points:
-        folder = RunFolder(sweep_dir / point.name)
-        listener = listener_for(point) if listener_for is not None else Listener()
-        if resume and (folder.path / RESULTS_FILE).is_file():
-            results[point.name] = load_results(folder.path)  # finished in an earlier run
-            for seed in point.config.seeds:
-                for scheme in point.config.schemes:
-                    listener.job_finished(_Done(scheme, seed), resumed=True)
-            continue
-        folder.make(point.config, force=force)
-        log(f"[{point.name}] {point.label}")
-        results[point.name] = run_experiment(point.config, folder, listener, log, workspace=checked[point.name])
+    with WorkerPool(max(p.config.workers for p in points)) as pool:  # started once, for every point
+        for point in points:
+            folder = RunFolder(sweep_dir / point.name)
+            listener = listener_for(point) if listener_for is not None else Listener()
+            if resume and (folder.path / RESULTS_FILE).is_file():
+                results[point.name] = load_results(folder.path)  # finished in an earlier run
+                for seed in point.config.seeds:
+                    for scheme in point.config.schemes:
+                        listener.job_finished(_Done(scheme, seed), resumed=True)
+                continue
+            folder.make(point.config, force=force)
+            log(f"[{point.name}] {point.label}")
+            results[point.name] = run_experiment(point.config, folder, listener, log, workspace=checked[point.name],
+                                                 pool=pool)
     return write_summary(sweep_dir, points, results)
 
 

@@ -59,7 +59,9 @@ def softmax_weights(
         raise ValueError("threshold must not be NaN")
     if not math.isfinite(scores[self_name]):
         return local_weights(self_name, (n for n in scores if n != self_name))
-    scores = {n: s if math.isfinite(s) else -math.inf for n, s in scores.items()}
+    # In a fixed order (the peer, then its neighbours by name), not in the order updates arrived: the row, and
+    # the aggregate summed in its order, are then the same bits in every run and runtime.
+    scores = {n: scores[n] if math.isfinite(scores[n]) else -math.inf for n in _canonical(scores, self_name)}
 
     kept = set(scores)
     if top_k > 0:
@@ -90,8 +92,9 @@ def sanitized_weights(weights: Mapping[str, float], self_name: str) -> dict[str,
     clean = {n: w if math.isfinite(w) and w > 0 else 0.0 for n, w in weights.items()}
     if sum(clean.values()) <= 0 or not math.isfinite(sum(clean.values())):
         return local_weights(self_name, (n for n in weights if n != self_name))
-    if all(clean[n] == weights[n] for n in weights) and abs(sum(clean.values()) - 1.0) <= 1e-9:
-        return dict(weights)  # already a probability vector: keep it bit for bit
+    clean = {n: clean[n] for n in _canonical(clean, self_name)}
+    if all(clean[n] == weights[n] for n in weights) and abs(math.fsum(clean.values()) - 1.0) <= 1e-9:
+        return {n: weights[n] for n in clean}  # already a probability vector: keep it bit for bit
     return _normalise(clean)
 
 
@@ -165,16 +168,18 @@ def cosine_scores(
     names = sorted(own)
     if reference is not None:
         check_same_layout(own, reference, "reference")
-    # float64 so that near-parallel large vectors do not round past 1.
+    # float64 so that near-parallel large vectors do not round past 1; every sum over tensors in name order and
+    # exactly rounded (fsum), neighbours in name order: the same bits whatever order the updates arrived in.
     mine = {n: _delta(own[n], reference, n, own[n].device) for n in names}
-    own_sq = float(sum((t * t).sum() for t in mine.values()))
+    own_sq = math.fsum(float((mine[n] * mine[n]).sum()) for n in names)
 
     scores = {self_name: 1.0}
-    for peer, state in others.items():
+    for peer in sorted(others):
+        state = others[peer]
         check_same_layout(own, state, f"adapter of {peer!r}")
         theirs = {n: _delta(state[n], reference, n, mine[n].device) for n in names}
-        dot = float(sum((mine[n] * theirs[n]).sum() for n in names))
-        other_sq = float(sum((t * t).sum() for t in theirs.values()))
+        dot = math.fsum(float((mine[n] * theirs[n]).sum()) for n in names)
+        other_sq = math.fsum(float((theirs[n] * theirs[n]).sum()) for n in names)
         denominator = math.sqrt(own_sq) * math.sqrt(other_sq)
         cosine = dot / denominator if denominator > 0 else 0.0
         scores[peer] = min(1.0, max(-1.0, cosine))
@@ -193,17 +198,18 @@ def product_cosine_scores(
         raise ValueError(f"others must not include the peer itself ({self_name!r})")
 
     def inner(x: Mapping[str, LoraFactors], y: Mapping[str, LoraFactors]) -> float:
-        total = 0.0
-        for prefix, f in x.items():
-            g = y[prefix]
+        terms = []
+        for prefix in sorted(x):  # layers in name order, summed exactly: independent of arrival order
+            f, g = x[prefix], y[prefix]
             ab = f.B.double().T @ g.B.double()
             aa = f.A.double() @ g.A.double().T
-            total += f.scale * g.scale * float((ab * aa).sum())
-        return total
+            terms.append(f.scale * g.scale * float((ab * aa).sum()))
+        return math.fsum(terms)
 
     own_sq = inner(own, own)
     scores = {self_name: 1.0}
-    for peer, factors in others.items():
+    for peer in sorted(others):
+        factors = others[peer]
         if set(factors) != set(own):
             raise ValueError(f"adapter of {peer!r} adapts different layers")
         denominator = math.sqrt(own_sq) * math.sqrt(inner(factors, factors))
@@ -286,8 +292,13 @@ def predictions_distance(
 
 
 def _normalise(raw: Mapping[str, float]) -> dict[str, float]:
-    total = sum(raw.values())
+    total = math.fsum(raw.values())  # exactly rounded: the same total in any order
     return {n: w / total for n, w in raw.items()}
+
+
+def _canonical(row: Mapping[str, float], self_name: str) -> list[str]:
+    """The peer first, then its neighbours by name: the one order rows are built and summed in."""
+    return [self_name, *sorted(n for n in row if n != self_name)]
 
 
 def _neighbourhood(self_name: str, neighbours: Iterable[str]) -> list[str]:

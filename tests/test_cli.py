@@ -102,3 +102,35 @@ def test_run_with_the_libp2p_runtime_writes_the_same_kind_of_run_folder(tmp_path
     assert (run_dir / "curves.png").is_file() and (run_dir / "trust_heatmap.png").is_file()
     assert sorted(p.name for p in (run_dir / "libp2p" / "validation-seed0").glob("*.toml")) == ["peer0.toml",
                                                                                                 "peer1.toml"]
+
+
+TINY = ["--set", "num_peers=4", "--set", 'schemes=["local", "fedavg"]', "--set", "seeds=[0]",
+        "--set", "training.rounds=1", "--set", "training.local_steps=1", "--set", "data.train_blocks=8",
+        "--set", "data.val_blocks=4", "--set", "data.test_blocks=4"]
+
+
+def _mistake(kind: str, folder):
+    """--set assignments that only a worker would have found out about, before the checks in the parent."""
+    (folder / "data" / "english").mkdir(parents=True)
+    (folder / "data" / "italian.txt").write_text("ciao, come stai? " * 400)
+    return {
+        "data folder without .txt files": [f'data.source="{folder / "data"}"'],
+        "unknown built-in group": ['data.groups=["english", "klingon"]'],
+        "unknown group in a folder": [f'data.source="{folder / "data"}"', 'data.groups=["italian", "klingon"]'],
+        "topology out of range": ['topology={generator="random_regular", params={d=5}}'],
+        "not enough text": ["data.train_blocks=100000"],
+        "LoRA targets": ['lora.target_modules=["no_such_module"]'],
+        "attack needs a second group": ['data.groups=["english"]', 'attack=[{peers=["peer0"], kind="other_group"}]'],
+    }[kind]
+
+
+@pytest.mark.parametrize("kind", ["data folder without .txt files", "unknown built-in group",
+                                  "unknown group in a folder", "topology out of range", "not enough text",
+                                  "LoRA targets", "attack needs a second group"])
+def test_worker_side_mistakes_are_one_line_exit_2_and_no_run_folder(tmp_path, capsys, kind):
+    out = tmp_path / "run"
+    sets = [arg for assignment in _mistake(kind, tmp_path) for arg in ("--set", assignment)]
+    assert main(["run", "examples/default.toml", *TINY, "--set", "workers=2", *sets, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("p2pfed: configuration error: ") and "Traceback" not in err, err
+    assert not out.exists()
