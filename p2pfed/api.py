@@ -32,7 +32,7 @@ from typing import Any
 import networkx as nx
 
 from p2pfed.config import ConfigError, ExperimentConfig, TopologyConfig
-from p2pfed.experiment import Listener, RunStopped, run_experiment
+from p2pfed.experiment import Listener, RunStopped, quiet_transformers, run_experiment
 from p2pfed.inputs import JobInputs, peer_texts, static_graph
 from p2pfed.load import TOPOLOGIES, from_dict, load_experiment, resolve_topology, to_dict
 from p2pfed.peer import PeerEvent, RoundFinished, TrustChanged, UpdateReceived
@@ -106,6 +106,7 @@ class Swarm:
         """Everything that can fail before work starts (the folder's use, the model, the data, each seed's graph
         and split): raises ConfigError or OSError, and makes nothing. `run` checks first unless done already."""
         config = self.config
+        quiet_transformers()  # no loading bars of transformers' own in the middle of the run's output
         inputs = self.inputs()
         fingerprint = inputs.fingerprint(config.training.rounds)
         if out is not None:

@@ -1,4 +1,4 @@
-"""`p2pfed run EXPERIMENT.toml`, `p2pfed sweep`, `p2pfed peer PEER.toml`, `p2pfed id` and `p2pfed report`."""
+"""`p2pfed run EXPERIMENT.toml`, `sweep`, `peer PEER.toml`, `id`, `init` (p2pfed.scaffold) and `report`."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from p2pfed.checkpoint import CheckpointError
 from p2pfed.config import ConfigError
 from p2pfed.errors import first_error
 from p2pfed.load import load_experiment, load_peer, parse_override
+from p2pfed.scaffold import add_init_command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     ident.add_argument("config", help="a peer TOML file")
     ident.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
+    add_init_command(commands)  # `p2pfed init N --out DIR`: a swarm's peer files (p2pfed.scaffold)
+
     show = commands.add_parser("report", help="print the table and redraw the plots of a finished run, or "
                                               "summarize the state folders of peers run by hand")
     show.add_argument("paths", nargs="+", metavar="RUN_DIR|STATE_DIR",
@@ -50,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args.run_dir = None  # the run folder in use, once known: named when Ctrl-C stops the run
     try:
-        return {"run": _run, "sweep": _sweep, "peer": _peer, "id": _id, "report": _report}[args.command](args)
+        handler = getattr(args, "handler", None) or {"run": _run, "sweep": _sweep, "peer": _peer, "id": _id,
+                                                       "report": _report}[args.command]
+        return handler(args)
     except BaseException as raised:
         error = first_error(raised)  # trio wraps a peer's error in one ExceptionGroup per nursery
         if isinstance(error, KeyboardInterrupt):
@@ -178,15 +183,21 @@ def _sweep(args) -> int:
 
 
 def _print_sweep(summary: dict, console) -> None:
+    """Test perplexity by point (its values other than the scheme) and scheme; the best of each row in green."""
     from rich.table import Table
 
-    table = Table(title="Test perplexity by sweep point, mean ± std over peers and seeds")
-    for column in ("point", "scheme", "test ppl", "same-group trust"):
-        table.add_column(column, justify="left" if column in ("point", "scheme") else "right")
-    for row in summary["rows"]:
-        share = row["same_group_trust"]
-        table.add_row(row["point"], row["scheme"], f"{row['test_ppl_mean']:.3f} ± {row['test_ppl_std']:.3f}",
-                      "-" if share is None else f"{share:.2f}")
+    rows = summary["rows"]
+    schemes = list(dict.fromkeys(row["scheme"] for row in rows))
+    table = Table(title="Test perplexity by sweep point and scheme, mean ± std over peers and seeds")
+    table.add_column("point")
+    for scheme in schemes:
+        table.add_column(scheme, justify="right")
+    for label in dict.fromkeys(row["label"] for row in rows):
+        cells = {row["scheme"]: row for row in rows if row["label"] == label}
+        best = min(cells, key=lambda s: cells[s]["test_ppl_mean"])
+        texts = [f"{cells[s]['test_ppl_mean']:.3f} ± {cells[s]['test_ppl_std']:.3f}" if s in cells else "-"
+                 for s in schemes]
+        table.add_row(label, *[f"[bold green]{t}[/]" if s == best else t for s, t in zip(schemes, texts)])
     console.print(table)
 
 
