@@ -134,3 +134,19 @@ def test_worker_side_mistakes_are_one_line_exit_2_and_no_run_folder(tmp_path, ca
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("p2pfed: configuration error: ") and "Traceback" not in err, err
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_an_error_met_only_in_a_worker_process_is_the_same_one_line(tmp_path, capsys, monkeypatch):
+    import p2pfed.api
+    import p2pfed.experiment
+
+    # Skip the parent's checks, so that the worker processes are the first to open the empty group folder.
+    monkeypatch.setattr(p2pfed.api, "check_experiment", lambda *args, **kwargs: None)
+    monkeypatch.setattr(p2pfed.experiment, "check_experiment", lambda *args, **kwargs: None)
+    (tmp_path / "data" / "english").mkdir(parents=True)
+    (tmp_path / "data" / "italian.txt").write_text("ciao, come stai? " * 400)
+    code = main(["run", "examples/default.toml", *TINY, "--set", "workers=2", "--set",
+                 f'data.source="{tmp_path / "data"}"', "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "holds no .txt files" in err and "Traceback" not in err, err
