@@ -62,7 +62,9 @@ def _wait_for(condition, timeout: float, what: str) -> None:
 
 
 def test_a_killed_peer_process_restarted_with_its_state_folder_resumes_and_rejoins(workspace, tmp_path):
-    config = small_config("num_peers=2", "training.rounds=6", "training.local_steps=2", "network.round_timeout_s=4")
+    # The deadline outlasts a restart (torch, libp2p and the model load again, slower on a busy machine), so
+    # the survivor is still in its rounds when the victim comes back.
+    config = small_config("num_peers=2", "training.rounds=6", "training.local_steps=2", "network.round_timeout_s=20")
     graph, _ = job_setup(config, workspace, seed=0)
     peers = peer_configs(config, graph, "fedavg", 0, tmp_path, free_ports(2))
     paths = []
@@ -97,8 +99,8 @@ def test_a_killed_peer_process_restarted_with_its_state_folder_resumes_and_rejoi
     rounds = [r["round"] for r in result["rounds"]]
     assert rounds == [0, 1, 2, 3, 4, 5, 6]  # nothing lost, nothing done twice
     assert f"resumed from {victim_state} after round {killed_at}" in (tmp_path / "peer1.log").read_text()
-    # After the restart it rejoined: the last rounds aggregated the survivor's update again.
-    assert "peer0" in result["rounds"][-1]["trust"]
+    # After the restart it rejoined: its last round aggregated the survivor's update again.
+    assert "peer0" in result["rounds"][-1]["trust"], [r["trust"] for r in result["rounds"]]
 
 
 def test_a_peer_embedded_in_a_trio_app_trains_in_the_background_and_reports_events(tmp_path):
