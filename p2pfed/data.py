@@ -65,18 +65,26 @@ def _read_group(root: Path, group: str, available: list[str]) -> str:
     folder, file = root / group, root / f"{group}.txt"
     if folder.is_dir() and file.is_file():
         raise ConfigError(f"data.groups: {group!r} is both {folder} and {file}; keep one")
-    if folder.is_dir():
-        parts = sorted(folder.glob("*.txt"))
-        if not parts:
-            raise ConfigError(f"data.groups: {folder} holds no .txt files")
-        text = "\n\n".join(_read(p).strip("\n") for p in parts) + "\n"
-    elif file.is_file():
-        text = _read(file)
-    else:
+    if not folder.is_dir() and not file.is_file():
         raise ConfigError(f"data.groups: no group {group!r} in {root} (neither a sub-folder nor {group}.txt; "
                           f"available: {', '.join(available) or 'none'})")
+    return read_text_source(folder if folder.is_dir() else file, "data.groups")
+
+
+def read_text_source(path: Path, key: str = "data") -> str:
+    """A .txt file, or every .txt file of a folder (sorted, joined by blank lines); `key` names the setting."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        parts = sorted(path.glob("*.txt"))
+        if not parts:
+            raise ConfigError(f"{key}: {path} holds no .txt files")
+        text = "\n\n".join(_read(p).strip("\n") for p in parts) + "\n"
+    elif path.is_file():
+        text = _read(path)
+    else:
+        raise ConfigError(f"{key}: {path} is neither a .txt file nor a folder")
     if not text.strip():
-        raise ConfigError(f"data.groups: group {group!r} in {root} has no text")
+        raise ConfigError(f"{key}: {path} has no text")
     return text
 
 

@@ -21,7 +21,7 @@ import networkx as nx
 import torch
 
 from p2pfed.config import ConfigError, DataConfig, ExperimentConfig, peer_index, peer_name
-from p2pfed.data import PeerData
+from p2pfed.data import PeerData, read_text_source
 from p2pfed.seeding import derive_seed
 
 GraphAt = Callable[[int], nx.Graph]  # the graph in force at a round (1, 2, ...)
@@ -140,30 +140,6 @@ def _peer_text(index: int, item) -> PeerText:
         return PeerText(item, group or peer_name(index))
     raise ConfigError(f"data: {peer_name(index)}: expected a Path, a str of text or a (group, text) pair, "
                       f"got {type(item).__name__}")
-
-
-def read_text_source(path: Path) -> str:
-    """A .txt file, or every .txt file of a folder (sorted, joined by blank lines)."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        parts = sorted(path.glob("*.txt"))
-        if not parts:
-            raise ConfigError(f"data: {path} holds no .txt files")
-        text = "\n\n".join(_read(p).strip("\n") for p in parts) + "\n"
-    elif path.is_file():
-        text = _read(path)
-    else:
-        raise ConfigError(f"data: {path} is neither a .txt file nor a folder")
-    if not text.strip():
-        raise ConfigError(f"data: {path} has no text")
-    return text
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise ConfigError(f"{path}: not UTF-8 text ({error})") from error
 
 
 def own_text_data(texts: Sequence[PeerText], encode: Callable[[str], list[int]], config: DataConfig,
