@@ -32,7 +32,7 @@ from typing import Any
 import networkx as nx
 
 from p2pfed.config import ConfigError, ExperimentConfig, TopologyConfig
-from p2pfed.experiment import Listener, RunStopped, quiet_transformers, run_experiment
+from p2pfed.experiment import Listener, RunStopped, check_engine, quiet_transformers, run_experiment
 from p2pfed.inputs import JobInputs, peer_texts, static_graph
 from p2pfed.load import TOPOLOGIES, from_dict, load_experiment, resolve_topology, to_dict
 from p2pfed.peer import PeerEvent, RoundFinished, TrustChanged, UpdateReceived
@@ -116,12 +116,14 @@ class Swarm:
 
     def run(self, out: str | os.PathLike | None = None, *, resume: bool = False, force: bool = False,
             on_event: Callable[[SwarmEvent], None] | None = None, listener: Listener | None = None,
-            log: Callable[..., None] = print) -> SwarmResult:
+            log: Callable[..., None] = print, engine: str = "process") -> SwarmResult:
         """Run every job (with `out`, into that run folder; without, in memory) and return the results.
 
         `out` must be new or empty, unless `resume` (run only the jobs it does not hold yet) or `force` (start
         afresh). Everything checkable is checked before the folder is made. `on_event` gets every SwarmEvent, in
-        this process, as the jobs run (from worker processes too)."""
+        this process, as the jobs run (from worker processes and Ray tasks too). `engine="ray"` runs the jobs
+        as Ray tasks (p2pfed.ray_pool: RAY_ADDRESS's cluster, or a local Ray instance)."""
+        check_engine(engine, self.config)
         if self._checked is None or self._checked[0] != (out, resume, force):
             self.check(out, resume=resume, force=force, log=log)
         _, inputs, workspace, fingerprint = self._checked
@@ -130,14 +132,15 @@ class Swarm:
         if folder is not None:
             folder.make(self.config, force=force, fingerprint=fingerprint)
         summary = run_experiment(self.config, folder, _EventListener(on_event, listener), log, inputs=inputs,
-                                 workspace=workspace)
+                                 workspace=workspace, engine=engine)
         return SwarmResult.from_json(summary, folder.path if folder is not None else None)
 
     def start(self, out: str | os.PathLike | None = None, *, resume: bool = False, force: bool = False,
-              log: Callable[..., None] = print) -> RunningSwarm:
+              log: Callable[..., None] = print, engine: str = "process") -> RunningSwarm:
         """Run in a background thread of this process; returns at once. Use the handle with `with` or `async with`
         (asyncio or trio): leaving the block stops a run that has not finished."""
-        return RunningSwarm(self, functools.partial(self.run, out, resume=resume, force=force, log=log)).start()
+        run = functools.partial(self.run, out, resume=resume, force=force, log=log, engine=engine)
+        return RunningSwarm(self, run).start()
 
     async def __aenter__(self) -> RunningSwarm:
         self._running = self.start()

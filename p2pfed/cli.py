@@ -24,12 +24,14 @@ def main(argv: list[str] | None = None) -> int:
     run = commands.add_parser("run", help="run an experiment (every scheme and seed) into a run folder")
     run.add_argument("experiment", nargs="?", help="an experiment TOML file, e.g. examples/default.toml")
     _run_folder_options(run, "run")
+    _engine_option(run)
 
     sweep = commands.add_parser("sweep", help="run an experiment over the product of grids of config values")
     sweep.add_argument("experiment", nargs="?", help="an experiment TOML file, e.g. examples/default.toml")
     sweep.add_argument("--grid", dest="grids", action="append", default=[], metavar="KEY=[V1,V2,...]",
                        help="values of a config key, e.g. --grid 'topology=[ring,complete]' --grid 'seeds=[0,1]'")
     _run_folder_options(sweep, "sweep")
+    _engine_option(sweep)
 
     peer = commands.add_parser("peer", help="run one peer as its own process over libp2p")
     peer.add_argument("config", help="a peer TOML file (name, scheme, listen, neighbours, state_dir, ...)")
@@ -84,6 +86,18 @@ def _run_folder_options(command, name: str) -> None:
     command.add_argument("--force", action="store_true", help=f"start a {name} folder in use afresh")
 
 
+def _engine_option(command) -> None:
+    command.add_argument("--engine", choices=("process", "ray"), default="process",
+                         help="where the jobs run: worker processes here (workers = N), or Ray tasks on the "
+                              "cluster RAY_ADDRESS names, else a local Ray instance (pip install 'p2pfed[ray]')")
+
+
+def _engine_where(args, config) -> str:
+    if args.engine == "ray":
+        return f"as Ray tasks on {os.environ.get('RAY_ADDRESS') or 'a local Ray instance'}"
+    return "one libp2p process per peer" if config.runtime == "libp2p" else f"in process, {config.workers} worker(s)"
+
+
 def _stopped(args) -> str:
     return f"p2pfed: stopped; {_kept(args)}" if args.run_dir else "p2pfed: stopped before any job started"
 
@@ -113,7 +127,7 @@ def _run(args) -> int:
     from p2pfed import report
     from p2pfed.api import Swarm
     from p2pfed.display import JobBars, Overall, job_rounds, progress_bars
-    from p2pfed.experiment import default_run_dir, quiet_transformers
+    from p2pfed.experiment import check_engine, default_run_dir, quiet_transformers
 
     out, resume = _where(args)
     if args.experiment:
@@ -126,12 +140,12 @@ def _run(args) -> int:
     else:
         raise ConfigError("run: give an experiment file (p2pfed run EXPERIMENT.toml), or --resume RUN_DIR")
     config = swarm.config
+    check_engine(args.engine, config)
     quiet_transformers()
     console = Console()
     out = out or default_run_dir(config)
     swarm.check(out, resume=resume, force=args.force, log=console.print)  # before anything is drawn or made
-    where = ("one libp2p process per peer" if config.runtime == "libp2p"
-             else f"in process, {config.workers} worker(s)")
+    where = _engine_where(args, config)
     console.print(f"[bold]{config.name}[/]: {config.num_peers} peers, schemes {', '.join(config.schemes)}, "
                   f"seeds {list(config.seeds)}, {where} -> {out}")
     jobs = len(config.schemes) * len(config.seeds)
@@ -139,7 +153,8 @@ def _run(args) -> int:
         overall = Overall(bars, "all jobs", jobs, jobs * job_rounds(config))
         listener = JobBars(bars, config, overall)
         args.run_dir = out
-        result = swarm.run(out, resume=resume, force=args.force, listener=listener, log=console.print)
+        result = swarm.run(out, resume=resume, force=args.force, listener=listener, log=console.print,
+                           engine=args.engine)
     summary = result.to_json()
     report.print_table(summary, console)
     console.print(f"results.json, events.jsonl and plots in {out} ({summary['wall_time_s']:.0f} s)")
@@ -168,14 +183,16 @@ def _sweep(args) -> int:
     console = Console()
     first = points[0].config
     out = out or Path(first.output_dir) / f"sweep-{first.name}-{datetime.now():%Y%m%d-%H%M%S}"
-    checked = check_sweep(points, out, resume=resume, force=args.force, log=console.print)
-    console.print(f"[bold]sweep[/] of {first.name}: {len(points)} points -> {out}")
+    checked = check_sweep(points, out, resume=resume, force=args.force, log=console.print, engine=args.engine)
+    where = f", {_engine_where(args, first)}" if args.engine == "ray" else ""
+    console.print(f"[bold]sweep[/] of {first.name}: {len(points)} points{where} -> {out}")
     jobs = sum(len(p.config.schemes) * len(p.config.seeds) for p in points)
     rounds = sum(len(p.config.schemes) * len(p.config.seeds) * job_rounds(p.config) for p in points)
     with progress_bars(console) as bars:
         overall = Overall(bars, f"sweep, {len(points)} points", jobs, rounds)
         args.run_dir = out
         summary = run_sweep(points, out, resume=resume, force=args.force, log=console.print, checked=checked,
+                            engine=args.engine,
                             listener_for=lambda p: JobBars(bars, p.config, overall, f"{p.name[:3]} ", upfront=False))
     _print_sweep(summary, console)
     console.print(f"summary.json, summary.csv and summary.png in {out}; a run folder per point")

@@ -24,12 +24,15 @@ from p2pfed.config import ExperimentConfig
 from p2pfed.inputs import JobInputs
 from p2pfed.job import JobResult, Workspace
 from p2pfed.preflight import check_experiment
+from p2pfed.ray_pool import RayPool, check_engine
 from p2pfed.runfolder import RunFolder
 from p2pfed.topology import TopologyWarning
 from p2pfed.workers import Listener, RunStopped, WorkerPool, quiet_transformers, run_one
 
-__all__ = ["Listener", "RunStopped", "WorkerPool", "default_run_dir", "job_label", "quiet_transformers",
-           "run_experiment"]
+__all__ = ["Listener", "RayPool", "RunStopped", "WorkerPool", "check_engine", "default_run_dir", "job_label",
+           "pool_for", "quiet_transformers", "run_experiment"]
+
+Pool = WorkerPool | RayPool
 
 
 class _StopOnly(Listener):
@@ -56,18 +59,25 @@ def job_label(scheme: str, seed: int) -> str:
     return f"{scheme} seed {seed}"
 
 
+def pool_for(engine: str, workers: int) -> Pool:
+    """Where jobs run beside the caller: "process", `workers` worker processes; "ray", Ray tasks (p2pfed.ray_pool)."""
+    return RayPool() if engine == "ray" else WorkerPool(workers)
+
+
 def run_experiment(config: ExperimentConfig, run_dir: RunFolder | str | Path | None = None,
                    listener: Listener | None = None, log=print, *, inputs: JobInputs = JobInputs(),
-                   workspace: Workspace | None = None, pool: WorkerPool | None = None) -> dict:
+                   workspace: Workspace | None = None, pool: Pool | None = None, engine: str = "process") -> dict:
     """Every job of `config` that `run_dir` does not hold finished yet; then events.jsonl, results.json and
     the plots there. Returns results.json's content.
 
     A RunFolder is used as is (its owner checked and made it, p2pfed.api); a path is made afresh (what
     p2pfed wrote there before is replaced); None keeps everything in memory. Without `workspace` (from
-    preflight.check_experiment), the experiment is checked here first. With workers > 1 the jobs run in
-    `pool` (a sweep's points share one), or in a pool of their own.
+    preflight.check_experiment), the experiment is checked here first. The jobs run in `pool` (a sweep's points
+    share one) or in a pool of their own for `engine`: with the process engine only when workers > 1, with
+    "ray" always as Ray tasks.
     """
     started = time.perf_counter()
+    check_engine(engine, config)
     listener = listener or Listener()
     if workspace is None:
         workspace = check_experiment(config, inputs, log)
@@ -77,8 +87,8 @@ def run_experiment(config: ExperimentConfig, run_dir: RunFolder | str | Path | N
         folder.make(config, force=True, fingerprint=inputs.fingerprint(config.training.rounds))
     jobs = [(scheme, seed) for seed in config.seeds for scheme in config.schemes]
     with contextlib.ExitStack() as stack:
-        if pool is None and config.workers > 1 and config.runtime == "inprocess":
-            pool = stack.enter_context(WorkerPool(config.workers))
+        if pool is None and config.runtime == "inprocess" and (config.workers > 1 or engine != "process"):
+            pool = stack.enter_context(pool_for(engine, config.workers))
         results = _run_jobs(config, inputs, jobs, folder, listener, workspace, pool, clean=False)
         clean = []
         if config.attack and config.compare_clean:
@@ -95,7 +105,7 @@ def run_experiment(config: ExperimentConfig, run_dir: RunFolder | str | Path | N
 
 
 def _run_jobs(config: ExperimentConfig, inputs: JobInputs, jobs: list[tuple[str, int]], folder: RunFolder | None,
-              listener: Listener, workspace: Workspace, pool: WorkerPool | None, clean: bool) -> list[JobResult]:
+              listener: Listener, workspace: Workspace, pool: Pool | None, clean: bool) -> list[JobResult]:
     done: dict[tuple[str, int], JobResult] = {}
     for scheme, seed in jobs:
         found = folder.load_job(scheme, seed, clean) if folder is not None else None
@@ -105,7 +115,7 @@ def _run_jobs(config: ExperimentConfig, inputs: JobInputs, jobs: list[tuple[str,
     todo = [job for job in jobs if job not in done]
     if config.runtime == "libp2p":
         results = _run_libp2p(config, todo, folder, listener, workspace)
-    elif pool is None or config.workers == 1 or len(todo) <= 1:
+    elif pool is None or not pool.wants(config, len(todo)):
         results = _run_here(config, inputs, todo, listener, workspace)
     else:
         results = pool.run(config, inputs, todo, listener)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pfed.config import ConfigError, ExperimentConfig
-from p2pfed.experiment import Listener, WorkerPool, run_experiment
+from p2pfed.experiment import Listener, check_engine, pool_for, run_experiment
 from p2pfed.load import from_dict, load_experiment, to_dict
 from p2pfed.plots import draw_sweep
 from p2pfed.preflight import check_experiment
@@ -161,10 +161,12 @@ def saved_points(sweep_dir: str | Path) -> list[SweepPoint]:
 
 
 def check_sweep(points: Sequence[SweepPoint], sweep_dir: str | Path, *, resume: bool = False, force: bool = False,
-                log=print) -> dict[str, Any]:
-    """Every point checked (p2pfed.preflight) and the folder's use, before anything is written; each point's
-    workspace, for run_sweep."""
+                log=print, engine: str = "process") -> dict[str, Any]:
+    """Every point checked (p2pfed.preflight; the engine can run it) and the folder's use, before anything is
+    written; each point's workspace, for run_sweep."""
     sweep_dir = Path(sweep_dir)
+    for point in points:
+        check_engine(engine, point.config)
     if resume and force:
         raise ConfigError("--resume and --force: choose one (finish the sweep in the folder, or start afresh)")
     if sweep_dir.exists() and not sweep_dir.is_dir():
@@ -185,12 +187,13 @@ def check_sweep(points: Sequence[SweepPoint], sweep_dir: str | Path, *, resume: 
 
 def run_sweep(points: Sequence[SweepPoint], sweep_dir: str | Path, *, resume: bool = False, force: bool = False,
               listener_for: Callable[[SweepPoint], Listener] | None = None, log=print,
-              checked: dict[str, Any] | None = None) -> dict:
+              checked: dict[str, Any] | None = None, engine: str = "process") -> dict:
     """Run every point not finished yet into its run folder, then write the summary; returns summary.json's data.
-    Checks everything first (check_sweep) unless `checked` holds what it returned."""
+    Checks everything first (check_sweep) unless `checked` holds what it returned. `engine`: where the jobs run,
+    worker processes ("process") or Ray tasks ("ray"), one pool for every point."""
     sweep_dir = Path(sweep_dir)
     if checked is None:
-        checked = check_sweep(points, sweep_dir, resume=resume, force=force, log=log)
+        checked = check_sweep(points, sweep_dir, resume=resume, force=force, log=log, engine=engine)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     if force:
         for name in SUMMARY_FILES:
@@ -199,7 +202,7 @@ def run_sweep(points: Sequence[SweepPoint], sweep_dir: str | Path, *, resume: bo
         {"name": p.name, "values": p.values, "config": to_dict(p.config)} for p in points]}, indent=2),
         encoding="utf-8")
     results = {}
-    with WorkerPool(max(p.config.workers for p in points)) as pool:  # started once, for every point
+    with pool_for(engine, max(p.config.workers for p in points)) as pool:  # started once, for every point
         for point in points:
             folder = RunFolder(sweep_dir / point.name)
             listener = listener_for(point) if listener_for is not None else Listener()
@@ -212,7 +215,7 @@ def run_sweep(points: Sequence[SweepPoint], sweep_dir: str | Path, *, resume: bo
             folder.make(point.config, force=force)
             log(f"[{point.name}] {point.label}")
             results[point.name] = run_experiment(point.config, folder, listener, log, workspace=checked[point.name],
-                                                 pool=pool)
+                                                 pool=pool, engine=engine)
     return write_summary(sweep_dir, points, results)
 
 

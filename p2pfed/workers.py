@@ -95,7 +95,7 @@ def workspace_key(config: ExperimentConfig) -> str:
 _worker_state: dict = {"workspaces": {}}  # one per worker process: its queue and workspaces
 
 
-class _QueueListener(Listener):
+class QueueListener(Listener):
     """A worker's listener: each call goes to the parent through the queue, as (method name, arguments)."""
 
     def __init__(self, queue):
@@ -128,7 +128,7 @@ def _worker_job(config: ExperimentConfig, inputs: JobInputs, scheme: str, seed: 
         key = workspace_key(config)
         if key not in workspaces:
             workspaces[key] = open_workspace(config, log=lambda *_: None)
-        return run_one(config, workspaces[key], inputs, scheme, seed, _QueueListener(queue))
+        return run_one(config, workspaces[key], inputs, scheme, seed, QueueListener(queue))
     finally:
         queue.put((_JOB_END, (scheme, seed)))  # after every note of the job: the parent waits for it
 
@@ -150,6 +150,10 @@ class WorkerPool:
     def __exit__(self, *exc_info) -> None:
         self.close(terminate=exc_info[1] is not None)
 
+    def wants(self, config: ExperimentConfig, jobs: int) -> bool:
+        """Whether `jobs` jobs of `config` run in the pool: only side by side (else they run in the caller)."""
+        return config.workers > 1 and jobs > 1
+
     def close(self, terminate: bool = False) -> None:
         if self._pool is None:
             return
@@ -168,7 +172,7 @@ class WorkerPool:
             self._pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_worker_init,
                                              initargs=(self._queue,))
         try:
-            with _workers_ignore_ctrl_c():  # processes start as jobs are submitted
+            with ignoring_ctrl_c():  # processes start as jobs are submitted
                 jobs_of = {self._pool.submit(_worker_job, config, inputs, scheme, seed): (scheme, seed)
                            for scheme, seed in jobs}
             pending, ended = set(jobs_of), set()
@@ -200,8 +204,9 @@ class WorkerPool:
 
 
 @contextlib.contextmanager
-def _workers_ignore_ctrl_c():
-    """Worker processes started in this block inherit an ignored SIGINT: Ctrl-C reaches the parent only."""
+def ignoring_ctrl_c():
+    """Processes started in this block (workers, a local Ray instance) inherit an ignored SIGINT: Ctrl-C reaches
+    the parent only, which stops them."""
     if threading.current_thread() is not threading.main_thread():
         yield  # signals belong to the main thread; the initializer ignores SIGINT in the workers anyway
         return
