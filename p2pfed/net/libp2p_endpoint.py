@@ -59,6 +59,7 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 from multiaddr import Multiaddr
 
 from p2pfed.config import NetworkConfig
+from p2pfed.net.dialling import dial_failure, quiet_dials
 from p2pfed.net.fastpath import security_options, use_fast_stream
 from p2pfed.net.framing import ACK, PROTOCOL_ID, STREAM_ERRORS, frame_pieces, read_upto, reset_stream
 from p2pfed.net.identity import dial_addrs, parse_peer_id
@@ -182,6 +183,10 @@ class Libp2pEndpoint:
     @property
     def neighbours(self) -> Mapping[str, NeighbourState]:
         return self._neighbours
+
+    def connected(self, peer_id: str) -> bool:
+        """Whether a connection to `peer_id` is open now (either side may have dialled)."""
+        return bool(self._host.get_network().get_connections(parse_peer_id(peer_id)))
 
     @property
     def failures(self) -> dict[str, int]:
@@ -323,28 +328,27 @@ class Libp2pEndpoint:
 
         For a start-up without a lost first round: a peer that starts before its neighbours listen would
         otherwise send round 1 into the void. Neighbours without an address must dial us: they count as
-        reached once they have. Returns the IDs still unreachable (the caller goes on without them).
+        reached once they have. Returns the IDs still unreachable (the caller goes on without them). Each
+        failed dial leaves its reason in the neighbour's `last_error`; nothing is logged per dial (the
+        caller reports who it is waiting for, libp2p's own lines go to debug: p2pfed.net.dialling).
         """
-        network = self._host.get_network()
-
-        def unreached() -> list[str]:
-            return [peer for peer in self._neighbours if not network.get_connections(parse_peer_id(peer))]
-
         with trio.move_on_after(timeout):
-            while pending := unreached():
+            while pending := [peer for peer in self._neighbours if not self.connected(peer)]:
                 for peer in pending:
                     state = self._neighbours.get(peer)
                     if state is None or not state.addrs:
                         continue
-                    with trio.move_on_after(max(retry_s, 1.0)) as dialling:
+                    limit = max(retry_s, 1.0)
+                    with trio.move_on_after(limit) as dialling:
                         try:
                             await self._dial(peer, parse_peer_id(peer), state)
                         except Exception as error:  # not listening yet: try again
-                            log.debug("%s: %s not reachable yet: %s", self.name, peer, error)
+                            state.last_error = str(error)
                     if dialling.cancelled_caught:
-                        await self._drop_connection(peer)  # a cut-off dial may have half-registered
+                        state.last_error = f"no answer within {limit:g} s"
+                        await self._drop_connection(peer, quiet=True)  # a cut-off dial may have half-registered
                 await trio.sleep(retry_s)
-        return unreached()
+        return [peer for peer in self._neighbours if not self.connected(peer)]
 
     async def _dial(self, to: str, pid: ID, state: NeighbourState) -> None:
         if not state.addrs:
@@ -352,7 +356,11 @@ class Libp2pEndpoint:
         # Dial exactly the addresses we were given (identify may have added others), and retry a
         # neighbour libp2p blocked after an earlier failure: our callers decide when to give up.
         self._forget_addrs(to)
-        await self._host.connect(PeerInfo(pid, state.addrs))
+        try:
+            with quiet_dials():
+                await self._host.connect(PeerInfo(pid, state.addrs))
+        except Exception as error:  # libp2p's layers of wrapping errors: the root cause, in a few words
+            raise _SendFailed(f"cannot connect: {dial_failure(error)}") from error
 
     async def _write_frame(self, to: str, stream: INetStream, payload: bytes, deadline: float) -> None:
         pieces = frame_pieces(payload)
@@ -370,9 +378,9 @@ class Libp2pEndpoint:
                 await self._drop_connection(to)
                 raise _SendFailed(f"a write stalled for {self.limits.write_stall_s:g} s; dropped the connection")
 
-    async def _drop_connection(self, peer_id: str) -> None:
+    async def _drop_connection(self, peer_id: str, quiet: bool = False) -> None:
         """Close the connection to `peer_id`: an I/O call cut off half-way may have left it unusable."""
-        log.info("%s: dropping the connection to %s", self.name, peer_id)
+        log.log(logging.DEBUG if quiet else logging.INFO, "%s: dropping the connection to %s", self.name, peer_id)
         with trio.CancelScope(shield=True), trio.move_on_after(2.0):
             try:
                 await self._host.disconnect(parse_peer_id(peer_id))
