@@ -18,14 +18,16 @@ import contextlib
 import json
 import logging
 import math
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import trio
 from torch import nn
 
+from p2pfed.checkpoint import load_checkpoint
 from p2pfed.config import ConfigError, PeerConfig, peer_index
 from p2pfed.data import PeerData
 from p2pfed.experts import is_shared
@@ -33,6 +35,7 @@ from p2pfed.job import attacked, initial_adapter, open_workspace, peer_data, pee
 from p2pfed.loop import PeerHooks, PeerLoop, PeerSpec
 from p2pfed.model import AdapterHost, BaseModel
 from p2pfed.net import wire
+from p2pfed import peerlog
 from p2pfed.records import PeerResult, RoundRecord
 from p2pfed.strategies import check_schemes
 from p2pfed.topology import peer_schedule
@@ -89,6 +92,23 @@ def prepare_peer(config: PeerConfig) -> PreparedPeer:
     data = peer_data(experiment, workspace.tokens, config.seed)[index]
     return PreparedPeer(base=workspace.base, host=host, data=data, spec=spec,
                         initial_adapter=initial_adapter(host, spec))
+
+
+def finished_before(config: PeerConfig) -> PeerResult | None:
+    """The result of this peer's run when its state folder says it has done every round already (a checkpoint
+    of round `training.rounds` or later, and its result.json); None otherwise."""
+    path = Path(config.state_dir) / RESULT_FILE if config.state_dir else None
+    if path is None or not path.is_file():
+        return None
+    checkpoint = load_checkpoint(config.state_dir)
+    if checkpoint is None or checkpoint.round < config.training.rounds:
+        return None
+    try:
+        result = PeerResult.from_json(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, KeyError, TypeError):
+        return None  # a damaged result.json: the run resumes from its checkpoint and writes it again
+    done = result.name == config.name and result.rounds and result.rounds[-1].round == checkpoint.round
+    return result if done else None
 
 
 def key_pair_of(config: PeerConfig):
@@ -149,6 +169,7 @@ class NamedEndpoint:
     name: str
     inner: object  # Libp2pEndpoint
     ids: dict[str, str]  # neighbour name -> peer ID
+    arrived: Counter = field(default_factory=Counter)  # updates received per neighbour, before any check
 
     @property
     def bytes_sent(self) -> int:
@@ -161,6 +182,7 @@ class NamedEndpoint:
         names = {peer_id: name for name, peer_id in self.ids.items()}
         sender, payload = await self.inner.receive()
         # The transport already refuses strangers; an unknown ID keeps its raw form and the loop drops it.
+        self.arrived[names.get(sender, sender)] += 1
         return names.get(sender, sender), payload
 
     def online(self, round_index: int) -> bool:
@@ -173,6 +195,7 @@ class Peer:
     """A networked peer for `async with`; the constructor only stores its config."""
 
     EVENT_BUFFER = 256  # events kept for a subscriber that is not reading; older ones are dropped
+    STATUS_EVERY_S = 5.0  # while waiting for neighbours at start: a status line this often (and on a change)
 
     def __init__(self, config: PeerConfig):
         self.config = config
@@ -188,6 +211,8 @@ class Peer:
         # One user of the model at a time: the peer's rounds (in a worker thread) or the app.
         self._model_lock = trio.Lock()
         self._last_trust: dict[str, float] = {}
+        self._named: NamedEndpoint | None = None
+        self._accepted: set[str] = set()  # neighbours with an update accepted in this process
 
     @property
     def name(self) -> str:
@@ -223,6 +248,8 @@ class Peer:
         self._stack = contextlib.AsyncExitStack()
         await self._stack.__aenter__()
         try:
+            self._stack.enter_context(peerlog.named_neighbours(config.name, peer_id_of(key_pair),
+                                                               {n.name: n.peer_id for n in config.neighbours}))
             self.endpoint = await self._stack.enter_async_context(
                 open_libp2p_endpoint(key_pair, list(config.listen), neighbours, limits))
             nursery = await self._stack.enter_async_context(trio.open_nursery())
@@ -244,14 +271,19 @@ class Peer:
 
     async def _run(self) -> None:
         prepared, config = self.prepared, self.config
-        endpoint = attacked(NamedEndpoint(config.name, self.endpoint, {n.name: n.peer_id for n in config.neighbours}),
-                            config.attack, prepared.spec, prepared.initial_adapter)
+        self._named = NamedEndpoint(config.name, self.endpoint, {n.name: n.peer_id for n in config.neighbours})
+        endpoint = attacked(self._named, config.attack, prepared.spec, prepared.initial_adapter)
         self._loop = PeerLoop(prepared.spec, prepared.host, prepared.data, endpoint, prepared.initial_adapter,
                               hooks=PeerHooks(on_round=self._on_round, on_update=self._on_update,
                                               compute=self._compute, offload=trio.to_thread.run_sync))
         try:
-            await self._wait_for_neighbours(config.startup_timeout_s)
+            if await trio.to_thread.run_sync(finished_before, config) is None:
+                await self._wait_for_neighbours(config.startup_timeout_s)
+            else:
+                log.info("%s: finished all %d rounds before (%s): not waiting for neighbours", config.name,
+                         config.training.rounds, config.state_dir)
             self._result = await self._loop.run()
+            self._warn_refused()
             if config.state_dir:
                 path = Path(config.state_dir) / RESULT_FILE
                 path.write_text(json.dumps(self._result.to_json()), encoding="utf-8")
@@ -262,13 +294,47 @@ class Peer:
             self._done.set()
 
     async def _wait_for_neighbours(self, timeout: float) -> None:
-        """Give every neighbour up to `timeout` to answer, so that round 1 does not start into the void."""
+        """Give every neighbour up to `timeout` to answer, so that round 1 does not start into the void; a
+        status line every STATUS_EVERY_S (who, where, why not yet) and one per neighbour that connects."""
         waiting = getattr(self.endpoint, "wait_for_neighbours", None)
         if waiting is None or not self.config.neighbours:
             return
-        unreachable = await waiting(timeout)
+        started = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(peerlog.report_waiting, self.name, self.neighbour_status, started, timeout,
+                               self.STATUS_EVERY_S)
+            unreachable = await waiting(timeout)
+            nursery.cancel_scope.cancel()
+        total, waited = len(self.config.neighbours), trio.current_time() - started
         if unreachable:
-            log.warning("%s: starting without %s (no answer in %.0f s)", self.name, ", ".join(unreachable), timeout)
+            pending = [n for n in self.neighbour_status() if n.peer_id in unreachable]
+            log.warning("%s: starting round 1 without %s: no answer in %.0f s", self.name,
+                        "; ".join(f"{n.label} {n.where}" for n in pending), waited)
+        else:
+            log.info("%s: connected to its %d neighbour(s) in %.0f s", self.name, total, waited)
+
+    def neighbour_status(self) -> list[peerlog.NeighbourStatus]:
+        """Each neighbour's connection as the endpoint sees it now."""
+        return peerlog.neighbour_status(self.config.neighbours, self.endpoint)
+
+    def silent_summary(self) -> str | None:
+        """After the last round: the block naming each neighbour no update ever arrived from (and why that
+        may be), or None when the peer heard from every neighbour it awaited."""
+        if self._result is None or self._named is None:
+            return None
+        silent = peerlog.silent_neighbours(self._result.rounds, self._named.arrived)
+        if not silent:
+            return None
+        status = [n for n in self.neighbour_status() if n.name in silent]
+        return peerlog.silent_summary(self.name, status, len(self.config.neighbours),
+                                      self._result.rounds[-1].round, self.config.state_dir)
+
+    def _warn_refused(self) -> None:
+        heard = {n for r in self._result.rounds for n in r.trust}
+        for name, count in self._named.arrived.items():
+            if name not in self._accepted and name not in heard:
+                log.warning("%s: every update that arrived from %s (%d) was dropped: see the warnings above",
+                            self.name, name, count)
 
     # -- what the app uses ---------------------------------------------------------------
 
@@ -352,6 +418,7 @@ class Peer:
                 self._subscribers.remove(channel)
 
     def _on_update(self, _peer: str, message: wire.UpdateMessage) -> None:
+        self._accepted.add(message.sender)
         self._emit(UpdateReceived(sender=message.sender, round=message.round))
 
     def _on_round(self, _peer: str, record: RoundRecord) -> None:
