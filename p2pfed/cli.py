@@ -222,10 +222,20 @@ def _peer(args) -> int:
     import trio
 
     from p2pfed.experiment import quiet_transformers
+    from p2pfed.peer import finished_before
 
     config = load_peer(args.config, args.overrides)
+    done = finished_before(config)
+    if done is not None:  # at once: no model to load, no neighbours to wait for
+        print(f"{config.name}: finished before: all {done.rounds[-1].round} rounds are done (test perplexity "
+              f"{done.final_test_ppl:.3f}), results in {Path(config.state_dir) / 'result.json'}; nothing to do "
+              f"(raise training.rounds to train on, or move {config.state_dir} away to start afresh)", flush=True)
+        return 0
     quiet_transformers()
-    logging.getLogger("p2pfed").setLevel(logging.INFO)  # resumption, dropped updates, unreachable neighbours
+    logging.getLogger("p2pfed").setLevel(logging.INFO)  # waiting, resumption, dropped updates, failed sends
+    for handler in logging.getLogger().handlers:  # main's stderr handler: every line names its peer already
+        if type(handler) is logging.StreamHandler:
+            handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     return trio.run(_serve_peer, config, args.quiet)
 
 
@@ -236,8 +246,9 @@ async def _serve_peer(config, quiet: bool) -> int:
     import trio
 
     from p2pfed.peer import Peer, RoundFinished
+    from p2pfed.peerlog import SILENT_NEIGHBOUR_EXIT
 
-    stopped = False
+    stopped, silent = False, None
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             async def stop_on_signal() -> None:
@@ -250,9 +261,14 @@ async def _serve_peer(config, quiet: bool) -> int:
             nursery.start_soon(stop_on_signal)
             async with Peer(config) as peer:
                 print(f"{config.name}: peer ID {peer.peer_id}, listening on {', '.join(peer.listen_addrs)}", flush=True)
+                shown: list[int] = []  # the rounds whose line is printed
                 if not quiet:
-                    nursery.start_soon(_print_rounds, peer, RoundFinished)
+                    nursery.start_soon(_print_rounds, peer, RoundFinished, shown)
                 result = await peer.finished()
+                with trio.move_on_after(1.0):  # the last round's line before the summary
+                    while not quiet and (shown or [-1])[-1] < result.rounds[-1].round:
+                        await trio.sleep(0.01)
+                silent = peer.silent_summary()  # while the endpoint still knows each neighbour's state
                 print(f"{config.name}: finished round {result.rounds[-1].round}, test perplexity "
                       f"{result.final_test_ppl:.3f}", flush=True)
             nursery.cancel_scope.cancel()
@@ -260,17 +276,20 @@ async def _serve_peer(config, quiet: bool) -> int:
         print(f"{config.name}: stopped; run the same command to resume from {config.state_dir or '(no state_dir)'}",
               file=sys.stderr)
         return 1
+    if silent:
+        print(silent, file=sys.stderr, flush=True)
+        return SILENT_NEIGHBOUR_EXIT
     return 0
 
 
-async def _print_rounds(peer, round_finished) -> None:
+async def _print_rounds(peer, round_finished, shown: list[int]) -> None:
+    from p2pfed.peerlog import round_line
+
     async with peer.subscribe() as events:
         async for event in events:
             if isinstance(event, round_finished):
-                r = event.record
-                ppl = "-" if r.test_ppl is None else f"{r.test_ppl:.3f}"
-                missing = f", missing {', '.join(r.missing)}" if r.missing else ""
-                print(f"{peer.name}: round {r.round}, test ppl {ppl}{missing}", flush=True)
+                print(round_line(peer.name, event.record), flush=True)
+                shown.append(event.record.round)
 
 
 def _id(args) -> int:
