@@ -110,6 +110,12 @@ class NeighbourStatus:
             return "(no address here: it must dial this peer)"
         return f"at {self.addrs[0]}" + (f" (+{len(self.addrs) - 1} more)" if len(self.addrs) > 1 else "")
 
+    @property
+    def reason(self) -> str:
+        """Why it is not connected yet, in a few words."""
+        return self.last_error.removeprefix("cannot connect: ") or ("not dialled in yet" if not self.addrs
+                                                                   else "dialling")
+
     def why(self) -> str:
         """Its state, and what the operator should check."""
         if self.answered_by:
@@ -119,7 +125,7 @@ class NeighbourStatus:
             return "connected, but no update of its arrived"
         if not self.addrs:
             return "it never dialled this peer"
-        reason = self.last_error.removeprefix("cannot connect: ") or "not dialled yet"
+        reason = self.reason
         if "hung up" in reason:  # usually Noise found the right peer there, which then refused this one
             reason += ": it may not list this peer's ID among its neighbours"
         return f"never connected ({reason})"
@@ -156,8 +162,7 @@ async def report_waiting(name: str, status: Callable[[], list[NeighbourStatus]],
 def waiting_line(name: str, pending: Sequence[NeighbourStatus], total: int, waited_s: float,
                  timeout_s: float) -> str:
     """One status line while the peer waits for its neighbours before round 1."""
-    items = "; ".join(f"{n.label} {n.where} ({n.last_error.removeprefix('cannot connect: ') or 'dialling'})"
-                      for n in pending)
+    items = "; ".join(f"{n.label} {n.where} ({n.reason})" for n in pending)
     who = items if len(pending) == 1 else f"{len(pending)} of {total} neighbours: {items}"
     them = "it" if len(pending) == 1 else "them"
     return (f"{name}: waiting for {who}, {waited_s:.0f} s so far; round 1 starts without {them} in "
