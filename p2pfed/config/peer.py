@@ -1,0 +1,60 @@
+"""One networked peer: `p2pfed peer PEER.toml`, or `async with Peer(config)` inside an app."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from p2pfed.config.checks import check, check_finite, peer_index
+from p2pfed.config.experiment import ExperimentConfig, Sections
+from p2pfed.config.network import AttackConfig, NeighbourConfig
+from p2pfed.config.sections import PeerProfile
+from p2pfed.config.topology import TopologyConfig
+
+
+@dataclass(frozen=True)
+class PeerConfig(Sections):
+    """One peer as its own process or inside an app (`p2pfed peer PEER.toml`, `async with Peer(config)`).
+
+    Its data is its share of a split: peer `name`'s blocks of the `data` split among `num_peers` with
+    `seed`. A peer with its own text alone sets data.source to its folder, one group, and num_peers = 1.
+    """
+
+    name: str = "peer0"
+    scheme: str = "validation"  # see strategies.parse_scheme
+    seed: int = 0  # the split, the shared adapter init and the batch order
+    num_peers: int = 1
+    profile: PeerProfile = field(default_factory=PeerProfile)
+    # Identity: a 32-byte key file (created if missing), else a key derived from identity_seed.
+    key_file: str = ""
+    identity_seed: int | None = None
+    listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
+    neighbours: tuple[NeighbourConfig, ...] = ()
+    # How long to wait at start for every neighbour to answer before round 1 (then go on without).
+    startup_timeout_s: float = 30.0
+    state_dir: str = ""  # checkpoints and results; empty: none (nothing survives a restart)
+    checkpoint_every: int = 1
+    threads: int = 1  # torch threads; 0 leaves torch's default
+    attack: AttackConfig | None = None  # this peer attacks its neighbours (robustness studies only)
+    # A resampled topology (params.resample_every): the peer computes its neighbours of each round from it
+    # and the seed, among those `neighbours` lists. None: the listed neighbours, every round.
+    topology: TopologyConfig | None = None
+
+    def as_experiment(self) -> ExperimentConfig:
+        """The experiment this peer is one of: checks every shared section the same way."""
+        return ExperimentConfig(num_peers=self.num_peers, seeds=(self.seed,), schemes=(self.scheme,),
+                                profiles=(self.profile,), attack=(self.attack,) if self.attack else (),
+                                topology=self.topology or TopologyConfig(), **self.sections())
+
+    def validate(self) -> "PeerConfig":
+        self.as_experiment().validate()
+        check_finite(self)
+        check(peer_index(self.name) < self.num_peers, "name", f"must be one of peer0..peer{self.num_peers - 1}")
+        check(self.checkpoint_every >= 1, "checkpoint_every", "must be at least 1")
+        check(self.startup_timeout_s >= 0, "startup_timeout_s", "must not be negative")
+        check(self.threads >= 0, "threads", "must not be negative")
+        if self.attack is not None:
+            self.attack.validate(self.num_peers, "attack")
+        names = [n.name for n in self.neighbours]
+        check(len(set(names)) == len(names), "neighbours", "lists a neighbour twice")
+        check(self.name not in names, "neighbours", "lists the peer itself")
+        return self
