@@ -89,6 +89,9 @@ class TrainingConfig:
     lr: float = 2e-3
     weight_decay: float = 0.0
     eval_every: int = 1  # rounds between test-perplexity evaluations (the last round always)
+    # Keep the adapter of the round with the lowest validation loss (early stopping) as the peer's final
+    # model; results report it beside the last round's. Costs one pass over the validation blocks a round.
+    select_best: bool = True
 
     def validate(self) -> None:
         check(self.rounds >= 1, "training.rounds", "must be at least 1")
