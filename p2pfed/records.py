@@ -19,6 +19,7 @@ class RoundRecord:
     # The neighbours it had this round (they change on a resampled graph or when peers join and leave);
     # () for round 0 and rounds it sat out. Histories written before this field existed read back as ().
     neighbours: tuple[str, ...] = ()
+    val_loss: float | None = None  # the adapter's validation loss after the round (training.select_best)
 
     @classmethod
     def from_dict(cls, data: dict) -> "RoundRecord":
@@ -26,10 +27,20 @@ class RoundRecord:
         return cls(**{**data, "missing": tuple(data["missing"]), "neighbours": tuple(data.get("neighbours", ()))})
 
 
+@dataclass(frozen=True)
+class Selected:
+    """The adapter a peer keeps under training.select_best: that of its lowest validation loss."""
+
+    round: int
+    val_loss: float
+    test_ppl: float
+
+
 @dataclass
 class PeerResult:
     name: str
     rounds: list[RoundRecord] = field(default_factory=list)
+    selected: Selected | None = None  # None: training.select_best is off (or the peer never trained)
 
     @property
     def final_test_ppl(self) -> float:
@@ -43,9 +54,18 @@ class PeerResult:
     def bytes_sent(self) -> int:
         return self.rounds[-1].bytes_sent if self.rounds else 0
 
+    @property
+    def selected_test_ppl(self) -> float:
+        """The test perplexity of the model the peer keeps: the selected round's, else the last round's."""
+        return self.selected.test_ppl if self.selected is not None else self.final_test_ppl
+
     def to_json(self) -> dict:
-        return {"name": self.name, "rounds": [dataclasses.asdict(r) for r in self.rounds]}
+        data = {"name": self.name, "rounds": [dataclasses.asdict(r) for r in self.rounds]}
+        if self.selected is not None:
+            data["selected"] = dataclasses.asdict(self.selected)
+        return data
 
     @classmethod
     def from_json(cls, data: dict) -> "PeerResult":
-        return cls(name=data["name"], rounds=[RoundRecord.from_dict(r) for r in data["rounds"]])
+        selected = Selected(**data["selected"]) if data.get("selected") else None
+        return cls(name=data["name"], rounds=[RoundRecord.from_dict(r) for r in data["rounds"]], selected=selected)
