@@ -41,6 +41,8 @@ class ExperimentConfig(Sections):
     # "libp2p": each peer its own `p2pfed peer` process, talking libp2p over loopback.
     runtime: Literal["inprocess", "libp2p"] = "inprocess"
     workers: int = 1  # processes running (scheme, seed) jobs side by side
+    # Processes sharing one in-process job's peers (p2pfed.swarm_workers); same records as 1. Runs x workers.
+    job_workers: int = 1
     output_dir: str = "runs"
     # Peer i gets profiles[i % len(profiles)]; empty: every peer takes the experiment's values.
     profiles: tuple[PeerProfile, ...] = ()
@@ -56,6 +58,7 @@ class ExperimentConfig(Sections):
         check(len(set(self.schemes)) == len(self.schemes), "schemes", "lists a scheme twice")
         check_finite(self)  # NaN or inf in any number crashes later, or silently poisons the weights
         check(self.workers >= 1, "workers", "must be at least 1")
+        check(self.job_workers >= 1, "job_workers", "must be at least 1")
         self.model.validate()
         self.lora.validate()
         for i, profile in enumerate(self.profiles):
