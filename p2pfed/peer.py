@@ -28,7 +28,7 @@ import trio
 from torch import nn
 
 from p2pfed.checkpoint import load_checkpoint
-from p2pfed.config import ConfigError, PeerConfig, peer_index
+from p2pfed.config import ConfigError, PeerConfig, peer_index, peer_name
 from p2pfed.data import PeerData
 from p2pfed.experts import is_shared
 from p2pfed.job import attacked, initial_adapter, open_workspace, peer_data, peer_spec
@@ -36,6 +36,7 @@ from p2pfed.loop import PeerHooks, PeerLoop, PeerSpec
 from p2pfed.model import AdapterHost, BaseModel
 from p2pfed.net import wire
 from p2pfed import peerlog
+from p2pfed.peer_addresses import check_addresses  # noqa: F401 (re-exported: p2pfed.peer.check_addresses)
 from p2pfed.records import PeerResult, RoundRecord
 from p2pfed.strategies import check_schemes
 from p2pfed.topology import peer_schedule
@@ -79,14 +80,17 @@ class PreparedPeer:
     initial_adapter: dict[str, torch.Tensor]
 
 
-def prepare_peer(config: PeerConfig) -> PreparedPeer:
-    """The blocking part of starting a peer: the frozen model, this peer's data share, its spec."""
+def prepare_peer(config: PeerConfig, schedule=None) -> PreparedPeer:
+    """The blocking part of starting a peer: the frozen model, this peer's data share, its spec. A swarm member
+    gives its schedule (p2pfed.swarm_topology) and may hear from any peer name of the swarm."""
     experiment = config.as_experiment()
     index = peer_index(config.name)
+    heard = tuple(n.name for n in config.neighbours) if schedule is None else \
+        tuple(peer_name(i) for i in range(config.num_peers) if i != index)
     # The experiment of one peer lists only this peer's profile, so every index gets it.
-    spec = peer_spec(experiment, index, tuple(n.name for n in config.neighbours), config.scheme, config.seed,
+    spec = peer_spec(experiment, index, heard, config.scheme, config.seed,
                      state_dir=config.state_dir or None, checkpoint_every=config.checkpoint_every,
-                     schedule=peer_schedule(config))  # its neighbours per round: topology, seed, membership
+                     schedule=schedule or peer_schedule(config))  # its neighbours per round: topology, seed, membership
     workspace = open_workspace(experiment, log=log.info)
     host = workspace.host_for(spec.scheme)
     data = peer_data(experiment, workspace.tokens, config.seed)[index]
@@ -132,36 +136,6 @@ def _key_from_file(read, path, key: str):
         raise ConfigError(f"{key}: {error}") from error
 
 
-def check_addresses(config: PeerConfig, own_id: str) -> None:
-    """Listen addresses, neighbours' peer IDs and addresses: configuration errors before any work starts."""
-    from multiaddr import Multiaddr
-
-    from p2pfed.net.identity import dial_addrs, parse_peer_id
-
-    for i, addr in enumerate(config.listen):
-        try:
-            Multiaddr(addr)
-        except Exception as error:
-            raise ConfigError(f"listen[{i}]: {addr!r} is not a multiaddr ({error})") from error
-    seen: set[str] = set()
-    for i, neighbour in enumerate(config.neighbours):
-        where = f"neighbours[{i}] ({neighbour.name})"
-        try:
-            parse_peer_id(neighbour.peer_id)
-        except ValueError as error:
-            raise ConfigError(f"{where}.peer_id: {neighbour.peer_id!r} is not a libp2p peer ID "
-                              f"(`p2pfed id PEER.toml` prints a peer's ID)") from error
-        if neighbour.peer_id == own_id:
-            raise ConfigError(f"{where}.peer_id: {own_id} is this peer's own ID")
-        if neighbour.peer_id in seen:
-            raise ConfigError(f"{where}.peer_id: {neighbour.peer_id} is listed for two neighbours")
-        seen.add(neighbour.peer_id)
-        try:
-            dial_addrs(neighbour.peer_id, neighbour.addrs)
-        except Exception as error:
-            raise ConfigError(f"{where}.addrs: {error}") from error
-
-
 @dataclass
 class NamedEndpoint:
     """The libp2p endpoint seen through peer names: the loop speaks names, the network peer IDs."""
@@ -176,7 +150,7 @@ class NamedEndpoint:
         return self.inner.bytes_sent
 
     async def send(self, to: str, payload: bytes) -> None:
-        await self.inner.send(self.ids[to], payload)
+        await self.inner.send(self.ids.get(to, to), payload)  # a member gone meanwhile: refused and logged
 
     async def receive(self) -> tuple[str, bytes]:
         names = {peer_id: name for name, peer_id in self.ids.items()}
@@ -213,6 +187,8 @@ class Peer:
         self._last_trust: dict[str, float] = {}
         self._named: NamedEndpoint | None = None
         self._accepted: set[str] = set()  # neighbours with an update accepted in this process
+        self._swarm = None  # a SwarmMember in membership mode (swarm = "NAME"), else None
+        self._nursery: trio.Nursery | None = None
 
     @property
     def name(self) -> str:
@@ -237,8 +213,11 @@ class Peer:
         check_addresses(config, peer_id_of(key_pair))
         if config.threads:
             torch.set_num_threads(config.threads)
+        if config.swarm:
+            from p2pfed.swarm_peer import SwarmMember
+            self._swarm = SwarmMember(config)
         # Loading and tokenizing block for seconds: off the event loop, so the app keeps running.
-        self.prepared = await trio.to_thread.run_sync(prepare_peer, config)
+        self.prepared = await trio.to_thread.run_sync(prepare_peer, config, self._swarm and self._swarm.schedule())
         neighbours = {n.peer_id: list(n.addrs) for n in config.neighbours}
         # A neighbour may have about two updates of this peer's size waiting (at least 1 MiB): a flood
         # from one neighbour is held back instead of filling memory.
@@ -252,7 +231,9 @@ class Peer:
                                                                {n.name: n.peer_id for n in config.neighbours}))
             self.endpoint = await self._stack.enter_async_context(
                 open_libp2p_endpoint(key_pair, list(config.listen), neighbours, limits))
-            nursery = await self._stack.enter_async_context(trio.open_nursery())
+            if self._swarm is not None:
+                self._swarm.open(key_pair, self.endpoint)
+            nursery = self._nursery = await self._stack.enter_async_context(trio.open_nursery())
             self._stop = nursery.cancel_scope  # leaving the block early cancels the rounds
             nursery.start_soon(self._run)
         except BaseException:
@@ -263,6 +244,8 @@ class Peer:
     async def __aexit__(self, *exc_info) -> bool | None:
         try:
             if not self._done.is_set():
+                if self._swarm is not None:
+                    await self._swarm.leave()  # stopped early: the members re-derive the graph without it
                 self._stop.cancel()
             return await self._stack.__aexit__(*exc_info)
         finally:
@@ -271,14 +254,16 @@ class Peer:
 
     async def _run(self) -> None:
         prepared, config = self.prepared, self.config
-        self._named = NamedEndpoint(config.name, self.endpoint, {n.name: n.peer_id for n in config.neighbours})
+        ids = self._swarm.ids if self._swarm else {n.name: n.peer_id for n in config.neighbours}
+        self._named = NamedEndpoint(config.name, self.endpoint, ids)
         endpoint = attacked(self._named, config.attack, prepared.spec, prepared.initial_adapter)
         self._loop = PeerLoop(prepared.spec, prepared.host, prepared.data, endpoint, prepared.initial_adapter,
                               hooks=PeerHooks(on_round=self._on_round, on_update=self._on_update,
                                               compute=self._compute, offload=trio.to_thread.run_sync))
         try:
             if await trio.to_thread.run_sync(finished_before, config) is None:
-                await self._wait_for_neighbours(config.startup_timeout_s)
+                await (self._swarm.join(self._nursery) if self._swarm is not None
+                       else self._wait_for_neighbours(config.startup_timeout_s))
             else:
                 log.info("%s: finished all %d rounds before (%s): not waiting for neighbours", config.name,
                          config.training.rounds, config.state_dir)
@@ -287,8 +272,13 @@ class Peer:
             if config.state_dir:
                 path = Path(config.state_dir) / RESULT_FILE
                 path.write_text(json.dumps(self._result.to_json()), encoding="utf-8")
+                if self._swarm is not None:
+                    self._swarm.write_members(config.state_dir)
         except Exception as error:  # the app learns of it from finished(); the block itself stays up
-            log.exception("%s: the peer stopped with an error", config.name)
+            if isinstance(error, ConfigError):  # one line, as the CLI prints it
+                log.error("%s: %s", config.name, error)
+            else:
+                log.exception("%s: the peer stopped with an error", config.name)
             self._error = error
         finally:
             self._done.set()
@@ -315,7 +305,8 @@ class Peer:
 
     def neighbour_status(self) -> list[peerlog.NeighbourStatus]:
         """Each neighbour's connection as the endpoint sees it now."""
-        return peerlog.neighbour_status(self.config.neighbours, self.endpoint)
+        listed = self._swarm.neighbour_configs() if self._swarm is not None else self.config.neighbours
+        return peerlog.neighbour_status(listed, self.endpoint)
 
     def silent_summary(self) -> str | None:
         """After the last round: the block naming each neighbour no update ever arrived from (and why that
@@ -422,6 +413,8 @@ class Peer:
         self._emit(UpdateReceived(sender=message.sender, round=message.round))
 
     def _on_round(self, _peer: str, record: RoundRecord) -> None:
+        if self._swarm is not None:
+            self._swarm.finished_round = record.round
         if record.trust and not _close(record.trust, self._last_trust):
             self._last_trust = dict(record.trust)
             self._emit(TrustChanged(round=record.round, weights=dict(record.trust)))

@@ -87,6 +87,14 @@ def named_neighbours(name: str, peer_id: str, neighbours: Mapping[str, str]) -> 
                 del NAMES.peers[key]
 
 
+def add_names(peer_id: str, neighbours: Mapping[str, str]) -> None:
+    """More neighbours (name -> peer ID) for the log lines of peer `peer_id`, inside its named_neighbours block
+    (a swarm member learns its neighbours as members join)."""
+    entry = NAMES.peers.get(peer_id)
+    if entry is not None:
+        entry[1].update({key: label(n, pid) for n, pid in neighbours.items() for key in (n, pid)})
+
+
 # -- waiting for neighbours, and the end of a run ------------------------------------------------
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from p2pfed.config.checks import check, check_finite, peer_index
@@ -9,6 +10,9 @@ from p2pfed.config.experiment import ExperimentConfig, Sections
 from p2pfed.config.network import AttackConfig, NeighbourConfig
 from p2pfed.config.sections import PeerProfile
 from p2pfed.config.topology import TopologyConfig
+
+SWARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # what `swarm = "NAME"` may be
+MAX_SWARM_PEERS = 1024  # a swarm's members are named peer0..peer{num_peers-1}: this caps what a peer tracks
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,12 @@ class PeerConfig(Sections):
     # A resampled topology (params.resample_every): the peer computes its neighbours of each round from it
     # and the seed, among those `neighbours` lists. None: the listed neighbours, every round.
     topology: TopologyConfig | None = None
+    # Membership mode (p2pfed.net.membership): instead of listing neighbours, join the swarm `swarm` through
+    # any running member's address (`bootstrap`, each ending in /p2p/ID); the members and the topology give
+    # each round's neighbours. A member not heard from (no fresher signed record) for member_timeout_s leaves.
+    swarm: str = ""
+    bootstrap: tuple[str, ...] = ()
+    member_timeout_s: float = 30.0
 
     def as_experiment(self) -> ExperimentConfig:
         """The experiment this peer is one of: checks every shared section the same way."""
@@ -54,7 +64,24 @@ class PeerConfig(Sections):
         check(self.threads >= 0, "threads", "must not be negative")
         if self.attack is not None:
             self.attack.validate(self.num_peers, "attack")
+        self._validate_swarm()
         names = [n.name for n in self.neighbours]
         check(len(set(names)) == len(names), "neighbours", "lists a neighbour twice")
         check(self.name not in names, "neighbours", "lists the peer itself")
         return self
+
+    def _validate_swarm(self) -> None:
+        check(self.member_timeout_s > 0, "member_timeout_s", "must be positive")
+        if not self.swarm:
+            check(not self.bootstrap, "bootstrap", "needs swarm = \"NAME\" (the swarm to join)")
+            return
+        check(SWARM_NAME.fullmatch(self.swarm) is not None, "swarm",
+              "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        check(not self.neighbours, "neighbours", "a swarm member learns its neighbours from the swarm: "
+                                                 "give swarm and bootstrap, or [[neighbours]], not both")
+        check(self.num_peers <= MAX_SWARM_PEERS, "num_peers", f"a swarm has at most {MAX_SWARM_PEERS} peers")
+        check(len(self.bootstrap) <= 16, "bootstrap", "lists more than 16 addresses")
+        for i, addr in enumerate(self.bootstrap):
+            head, sep, tail = addr.partition("/p2p/")
+            check(bool(sep) and bool(head) and bool(tail) and "/" not in tail, f"bootstrap[{i}]",
+                  f"{addr!r} must end in /p2p/PEER_ID (a running member's address and ID)")

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -128,6 +128,7 @@ class Libp2pEndpoint:
         self.bytes_sent = 0  # body bytes written to streams (headers excluded, unacknowledged ones included)
         self.strangers_refused = 0  # diallers hung up on after Noise: not neighbours
         self.limits = limits
+        self.admit_others: Callable[[str], bool] | None = None  # who else may stay after Noise (membership)
         self._neighbours: dict[str, NeighbourState] = {}
         # One connection per peer: with more allowed, every connect() waits for happy eyeballs (250 ms).
         # Noise alone (no plaintext, which proves no identity) and Yamux alone (Mplex manages 7-11 MB/s).
@@ -184,6 +185,10 @@ class Libp2pEndpoint:
     def neighbours(self) -> Mapping[str, NeighbourState]:
         return self._neighbours
 
+    @property
+    def host(self):
+        return self._host  # for protocols beside the updates' (p2pfed.net.membership)
+
     def connected(self, peer_id: str) -> bool:
         """Whether a connection to `peer_id` is open now (either side may have dialled)."""
         return bool(self._host.get_network().get_connections(parse_peer_id(peer_id)))
@@ -201,7 +206,7 @@ class Libp2pEndpoint:
     def admits(self, peer: ID) -> bool:
         """Whether a dialler that Noise authenticated as `peer` may keep its connection: neighbours only,
         as they are now (the security transport asks at every inbound handshake)."""
-        if peer.to_base58() in self._neighbours:
+        if peer.to_base58() in self._neighbours or (self.admit_others and self.admit_others(peer.to_base58())):
             return True
         self.strangers_refused += 1
         log.debug("%s: hung up on %s after Noise: not a neighbour", self.name, peer)
@@ -226,6 +231,10 @@ class Libp2pEndpoint:
         parse_peer_id(peer_id)  # validate before anything reaches libp2p
         self._neighbours[peer_id] = NeighbourState(dial_addrs(peer_id, addrs))
         self._forget_addrs(peer_id)
+
+    def remove_neighbour(self, peer_id: str) -> None:
+        """Stop accepting streams from `peer_id` and sending to it (a member that left the swarm)."""
+        self._neighbours.pop(peer_id, None)
 
     def set_neighbour_addrs(self, peer_id: str, addrs: Iterable[str | Multiaddr]) -> None:
         """New addresses for a neighbour (say, restarted on another port): the old ones are forgotten."""

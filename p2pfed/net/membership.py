@@ -1,0 +1,367 @@
+"""Membership over libp2p without a server: who is in a swarm, learnt from any running member.
+
+    membership = Membership(settings, key_pair, endpoint, current_round=lambda: 3)
+    membership.open()                  # serve /p2pfed/members/1, admit would-be members
+    await membership.join()            # bootstrap, learn the members, tell each of them about us
+    nursery.start_soon(membership.run) # keep the view fresh: anti-entropy, liveness, the endpoint's peers
+
+Protocol `/p2pfed/members/1`: the dialler sends one message (its records, its own among them) and the listener
+answers with one message of its own records (`p2pfed.net.member_records`), each a 4-byte length and at most
+MAX_MESSAGE_BYTES; then the stream closes. Push-pull of the whole record set, since a swarm has at most
+num_peers members (<= 1024) of ~200 bytes each. A member re-signs its record (seq + 1) every refresh period and
+exchanges with FANOUT random members every GOSSIP_EVERY_S; one not refreshed for member_timeout_s is dropped.
+
+Strangers: libp2p hands over a dialler only after Noise has authenticated its peer ID. Members (whose records
+we hold) are admitted; anyone else only within a small budget (STRANGER_BURST, then one per STRANGER_EVERY_S),
+and gets an answer only if its message carries a valid record of its own, of this swarm. Update streams stay
+for members (the endpoint's neighbours), which is what every member of the swarm becomes.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import statistics
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+from libp2p.crypto.keys import KeyPair
+from libp2p.custom_types import TProtocol
+from libp2p.peer.peerinfo import PeerInfo
+
+from p2pfed.net.dialling import dial_failure, quiet_dials
+from p2pfed.net.framing import STREAM_ERRORS, read_upto, reset_stream
+from p2pfed.net.identity import dial_addrs, parse_peer_id, peer_id_of
+from p2pfed.net.member_records import (MAX_MESSAGE_BYTES, MemberRecord, MembershipError, decode_message,
+                                       encode_message, peek, sign_record, verify)
+from p2pfed.net.member_view import MemberView
+
+log = logging.getLogger(__name__)
+
+MEMBERS_PROTOCOL = TProtocol("/p2pfed/members/1")
+LENGTH = struct.Struct(">I")
+EXCHANGE_TIMEOUT_S = 5.0  # one exchange: dial, send, answer
+GOSSIP_EVERY_S = 1.0
+FANOUT = 2  # members exchanged with per gossip period
+MAX_SERVING = 4  # membership streams answered at once; more are reset
+STRANGER_BURST, STRANGER_EVERY_S = 16, 1.0  # non-members admitted after Noise: a burst, then one a second
+STATUS_EVERY_S = 5.0
+
+
+class JoinError(Exception):
+    """No member of the swarm could be reached at start."""
+
+
+@dataclass(frozen=True)
+class MemberSettings:
+    """What the membership needs from a peer file."""
+
+    swarm: str
+    name: str
+    num_peers: int
+    bootstrap: tuple[str, ...]  # multiaddrs ending in /p2p/ID
+    member_timeout_s: float
+    startup_timeout_s: float
+    join_round: int = 1  # planned (network.membership); a newcomer to a running swarm joins later
+    leave_round: int | None = None
+    expected: int = 1  # members (this one included) of round 1 to wait for at start
+    last_round: int = 1 << 30  # a newcomer never joins after the swarm's last round
+
+
+class Membership:
+    """One member's side of the protocol; the constructor only stores references (open() starts nothing
+    either: it registers a handler)."""
+
+    def __init__(self, settings: MemberSettings, key_pair: KeyPair, endpoint, current_round: Callable[[], int]):
+        self.settings = settings
+        self.key_pair = key_pair
+        self.endpoint = endpoint  # a Libp2pEndpoint
+        self.current_round = current_round  # the last round this peer finished (0 before round 1)
+        self.own_id = peer_id_of(key_pair)
+        self.view = MemberView(settings.swarm, self.own_id, settings.num_peers, settings.member_timeout_s)
+        self.ids: dict[str, str] = {}  # member name -> peer ID, kept current (the peer's NamedEndpoint reads it)
+        self.synced: set[str] = set()  # members that hold our newest record (a direct exchange succeeded)
+        self.errors: dict[str, str] = {}  # peer ID -> why the last exchange with it failed
+        self.rounds_heard: dict[str, int] = {}  # peer ID -> the round it said it was in
+        self._seq = 0
+        self._serving = trio.Semaphore(MAX_SERVING)
+        self._strangers = (float(STRANGER_BURST), 0.0)  # tokens, when last counted
+        self._random = random.Random(self.own_id)  # whom to gossip with: not the process-wide random state
+
+    @property
+    def own(self) -> MemberRecord:
+        return self.view.records[self.own_id].record
+
+    def bootstraps(self) -> list[tuple[str, str]]:
+        """(peer ID, address) of each bootstrap that is not this peer."""
+        pairs = [(addr.partition("/p2p/")[2], addr) for addr in self.settings.bootstrap]
+        return [(pid, addr) for pid, addr in pairs if pid != self.own_id]
+
+    def open(self) -> None:
+        for pid, _ in self.bootstraps():
+            parse_peer_id(pid)
+        self._sign(self.settings.join_round, self.settings.leave_round)
+        self.endpoint.admit_others = self._admit
+        self.endpoint.host.set_stream_handler(MEMBERS_PROTOCOL, self._handle)
+
+    # -- joining -------------------------------------------------------------------------
+
+    async def join(self) -> None:
+        """Learn the swarm from a bootstrap, choose the join round, then exchange directly with every member
+        until the round-1 members expected are all known and synced (or startup_timeout_s). Raises JoinError
+        when no bootstrap answered and no member is known at the end."""
+        settings = self.settings
+        started = trio.current_time()
+        next_status = started + STATUS_EVERY_S
+        chose = not self.bootstraps()  # a founder: nobody to ask which round the swarm is in
+        with trio.move_on_after(settings.startup_timeout_s):
+            while True:
+                if not chose:
+                    chose = await self._ask_bootstraps()
+                else:
+                    await self._sync_unsynced()
+                    if self._ready():
+                        break
+                if trio.current_time() >= next_status:
+                    log.info("%s", self.waiting_line(trio.current_time() - started))
+                    next_status += STATUS_EVERY_S
+                await trio.sleep(0.25)
+        waited = trio.current_time() - started
+        if not chose and not self.view.others():
+            raise JoinError(f"bootstrap: no member of swarm {settings.swarm!r} answered in {waited:.0f} s: "
+                            + "; ".join(f"{addr} ({self.errors.get(pid, 'no answer')})"
+                                        for pid, addr in self.bootstraps()))
+        known = len(self.view.members(self.own.join_round))
+        level = logging.INFO if self._ready() else logging.WARNING
+        log.log(level, "%s: %s swarm %s with %d member(s) in %.0f s; takes part from round %d", settings.name,
+                "joined" if self._ready() else "starting without everyone in", settings.swarm, known, waited,
+                self.own.join_round)
+
+    async def _ask_bootstraps(self) -> bool:
+        """One "join" exchange with a bootstrap: the members and the swarm's round, then our record's join
+        round. False while no bootstrap answered."""
+        for pid, addr in self.bootstraps():
+            try:
+                await self.exchange(pid, [addr], "join")
+            except Exception as error:
+                self.errors[pid] = _reason(error)
+                continue
+            self._choose_join_round()
+            return True
+        return False
+
+    def _choose_join_round(self) -> None:
+        """Take part from the planned round, or, in a swarm already running (members past round 0), two rounds
+        after where they are (the median, so one member's claim cannot hold a newcomer back), so that this
+        record reaches everyone before the swarm gets there. A restarted member keeps its round."""
+        settings, before = self.settings, self.view.own_seen
+        if before is not None and before.leave_round is None:
+            join = before.join_round
+        else:
+            rounds = list(self.rounds_heard.values())
+            swarm_round = statistics.median_low(rounds) if rounds else 0
+            join = max(settings.join_round, swarm_round + 2) if swarm_round >= 1 else settings.join_round
+            join = min(join, settings.last_round + 1)
+        leave = settings.leave_round if settings.leave_round is None or settings.leave_round > join else None
+        if (join, leave) != (self.own.join_round, self.own.leave_round) or before is not None:
+            self._sign(join, leave)
+
+    def _ready(self) -> bool:
+        others = self.view.others()
+        if any(r.peer_id not in self.synced for r in others):
+            return False
+        if self.own.join_round > 1:
+            return bool(others)  # a newcomer needs the members it knows, not a count
+        return len([r for r in self.view.members() if r.join_round <= 1]) >= self.settings.expected
+
+    def waiting_line(self, waited: float) -> str:
+        """The status line while joining: how many members are known, and why the rest are not reached."""
+        settings, others = self.settings, self.view.others()
+        pending = [f"{addr} ({self.errors.get(pid, 'dialling')})" for pid, addr in self.bootstraps()
+                   if pid not in self.rounds_heard]
+        pending += [f"{r.name} ({self.errors.get(r.peer_id, 'dialling')})" for r in others
+                    if r.peer_id not in self.synced]
+        return (f"{settings.name}: joining swarm {settings.swarm}: {len(others) + 1} of {settings.expected} "
+                f"member(s) known, {waited:.0f} s so far; waiting for " + ("; ".join(pending) or "more members")
+                + f"; round 1 starts without them in {max(0.0, settings.startup_timeout_s - waited):.0f} s")
+
+    # -- staying current -----------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Until cancelled: re-sign our record every refresh period, exchange with a few members, drop the ones
+        gone quiet, and keep the endpoint's peers (whom it admits and can send to) equal to the members."""
+        refresh_every = self.settings.member_timeout_s / 4
+        refreshed = trio.current_time()
+        while True:
+            await trio.sleep(GOSSIP_EVERY_S)
+            if trio.current_time() - refreshed >= refresh_every:
+                self._sign(self.own.join_round, self.own.leave_round)
+                refreshed = trio.current_time()
+            await self._sync_unsynced()
+            others = self.view.others()
+            for record in self._random.sample(others, min(FANOUT, len(others))):
+                await self._try(record.peer_id, record.addrs, "sync")
+            for record in self.view.expire(trio.current_time()):
+                log.warning("%s: %s (%s) left the swarm: no fresh record for %.0f s", self.settings.name,
+                            record.name, record.peer_id, self.settings.member_timeout_s)
+            self._apply()
+
+    async def announce_leave(self, leave_round: int, timeout: float = 2.0) -> None:
+        """Re-sign our record to leave from `leave_round` and tell the members we can reach within `timeout`."""
+        if self.own.leave_round is not None and self.own.leave_round <= leave_round:
+            return
+        self._sign(self.own.join_round, max(leave_round, self.own.join_round + 1))
+        with trio.move_on_after(timeout):
+            async with trio.open_nursery() as nursery:
+                for record in self.view.others():
+                    nursery.start_soon(self._try, record.peer_id, record.addrs, "sync")
+
+    async def _sync_unsynced(self) -> None:
+        for record in self.view.others():
+            if record.peer_id not in self.synced:
+                await self._try(record.peer_id, record.addrs, "sync")
+        self._apply()
+
+    async def _try(self, peer_id: str, addrs, kind: str) -> None:
+        try:
+            await self.exchange(peer_id, addrs, kind)
+        except Exception as error:  # not up yet, gone, or misbehaving: the view's timeout decides
+            self.errors[peer_id] = _reason(error)
+
+    def _sign(self, join_round: int, leave_round: int | None) -> None:
+        seen = self.view.own_seen.seq if self.view.own_seen is not None else 0
+        self._seq = max(self._seq + 1, time.time_ns() // 1000, seen + 1)  # above any record of a run before
+        record = MemberRecord(self.settings.swarm, self.own_id, self.settings.name,
+                              tuple(self.endpoint.listen_addrs), join_round, leave_round, self._seq)
+        self.view.set_own(sign_record(self.key_pair, record), trio.current_time())
+        self.synced.clear()  # everyone should get the new record: unsynced members are synced first
+
+    def _apply(self) -> None:
+        """The endpoint's peers and the name map follow the live members."""
+        live = {r.peer_id: r for r in self.view.others()}
+        for pid in [p for p in self.endpoint.neighbours if p not in live]:
+            self.endpoint.remove_neighbour(pid)
+        for pid, record in live.items():
+            state = self.endpoint.neighbours.get(pid)
+            if state is None or [str(a) for a in state.addrs] != list(record.addrs):
+                self.endpoint.add_neighbour(pid, record.addrs)
+        self.ids.clear()
+        self.ids.update({r.name: r.peer_id for r in live.values()})
+
+    # -- the protocol --------------------------------------------------------------------
+
+    async def exchange(self, peer_id: str, addrs, kind: str) -> None:
+        """Send our records to `peer_id` ("sync": it keeps them; "join": it only answers) and take its answer."""
+        pid, host = parse_peer_id(peer_id), self.endpoint.host
+        payload = encode_message(self.settings.swarm, kind, self.current_round(), self._outgoing(kind))
+        with trio.fail_after(EXCHANGE_TIMEOUT_S):
+            if not host.get_network().get_connections(pid):
+                host.get_peerstore().clear_addrs(pid)  # libp2p dials one address per transport: only these
+                host.get_network().unblock_peer(pid)
+                with quiet_dials():
+                    await host.connect(PeerInfo(pid, dial_addrs(peer_id, addrs)))
+            stream = await host.new_stream(pid, [MEMBERS_PROTOCOL])
+            try:
+                await _write_message(stream, payload)
+                answer = decode_message(await _read_message(stream))
+            except BaseException:
+                await reset_stream(stream)
+                raise
+            await stream.close()
+        if answer.swarm != self.settings.swarm:
+            raise MembershipError(f"{peer_id} is a member of swarm {answer.swarm!r}")
+        self.rounds_heard[peer_id] = answer.round
+        self._take(peer_id, answer.records)
+        if peer_id not in self.view.records:
+            raise MembershipError(f"{peer_id} answered without a record of its own")
+        self.errors.pop(peer_id, None)
+        if kind == "sync":
+            self.synced.add(peer_id)
+
+    def _outgoing(self, kind: str) -> list:
+        return [self.view.records[self.own_id]] if kind == "join" else self.view.signed()
+
+    async def _handle(self, stream) -> None:
+        """libp2p runs this for each inbound stream on MEMBERS_PROTOCOL."""
+        remote = stream.muxed_conn.peer_id.to_base58()  # authenticated by Noise
+        try:
+            self._serving.acquire_nowait()
+        except trio.WouldBlock:
+            await reset_stream(stream)
+            return
+        try:
+            with trio.fail_after(EXCHANGE_TIMEOUT_S):
+                message = decode_message(await _read_message(stream))
+                if message.swarm != self.settings.swarm:
+                    raise MembershipError(f"it asked for swarm {message.swarm!r}")
+                own = [raw for raw in message.records if peek(raw).peer_id == remote]
+                if not own:
+                    raise MembershipError("its message holds no record of its own")
+                verify(own[0])
+                if message.kind == "sync":
+                    self.rounds_heard[remote] = message.round
+                    self._take(remote, message.records)
+                answer = encode_message(self.settings.swarm, "sync", self.current_round(), self.view.signed())
+                await _write_message(stream, answer)
+                await stream.close()  # the dialler reads the answer, then closes its side
+        except (MembershipError, trio.TooSlowError, *STREAM_ERRORS) as error:
+            await reset_stream(stream)
+            if self.view.note_refused(remote, type(error).__name__):
+                log.info("%s: refused a membership exchange from %s: %s", self.settings.name, remote,
+                         _reason(error))
+        finally:
+            self._serving.release()
+
+    def _take(self, sender: str, records) -> None:
+        changed = False
+        for raw in records:
+            try:
+                record = self.view.offer(raw, trio.current_time())
+            except MembershipError as error:
+                if self.view.note_refused(sender, str(error)[:80]):
+                    log.warning("%s: refused a membership record from %s: %s", self.settings.name, sender, error)
+                continue
+            changed = changed or record is not None
+            if record is not None and record.peer_id != sender:
+                self.synced.discard(record.peer_id)  # a member we never talked to: tell it about us
+        if changed:
+            self._apply()
+
+    def _admit(self, peer_id: str) -> bool:
+        """Whether a dialler that is not a member may keep its connection (to ask to join): a token budget."""
+        tokens, then = self._strangers
+        now = trio.current_time()
+        tokens = min(float(STRANGER_BURST), tokens + (now - then) / STRANGER_EVERY_S)
+        admitted = tokens >= 1.0
+        self._strangers = (tokens - 1.0 if admitted else tokens, now)
+        return admitted
+
+
+async def _write_message(stream, payload: bytes) -> None:
+    # Small, and shielded like every write on a shared connection: a write cut off half-way can wedge Noise.
+    with trio.CancelScope(shield=True, deadline=trio.current_time() + EXCHANGE_TIMEOUT_S):
+        await stream.write(LENGTH.pack(len(payload)) + payload)
+
+
+async def _read_message(stream) -> bytes:
+    head = await read_upto(stream, LENGTH.size)
+    if len(head) < LENGTH.size:
+        raise MembershipError("the stream ended before a message")
+    (length,) = LENGTH.unpack(head)
+    if length > MAX_MESSAGE_BYTES:
+        raise MembershipError(f"a membership message of {length} bytes is over {MAX_MESSAGE_BYTES}")
+    body = await read_upto(stream, length)
+    if len(body) < length:
+        raise MembershipError("the stream ended inside a message")
+    return body
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, trio.TooSlowError):
+        return f"no answer within {EXCHANGE_TIMEOUT_S:g} s"
+    if isinstance(error, MembershipError):
+        return str(error)
+    return dial_failure(error)

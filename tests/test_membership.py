@@ -1,0 +1,197 @@
+"""Membership mode: signed member records, the member view's rules, the derived topology, and members that find
+each other over loopback libp2p from one bootstrap address."""
+
+from __future__ import annotations
+
+import msgpack
+import networkx as nx
+import pytest
+import trio
+
+from p2pfed.config import ConfigError, PeerConfig, TopologyConfig
+from p2pfed.net.identity import identity_from_seed, peer_id_of
+from p2pfed.net.member_records import (MAX_MESSAGE_BYTES, MemberRecord, MembershipError, decode_message,
+                                       encode_message, sign_record, verify)
+from p2pfed.net.member_view import MemberView
+from p2pfed.swarm_topology import SwarmSchedule, derived_graph
+from p2pfed.topology import graph_at_round
+
+KEYS = [identity_from_seed(1000 + i) for i in range(6)]
+IDS = [peer_id_of(k) for k in KEYS]
+
+
+def record(i: int, name: str | None = None, seq: int = 1, swarm: str = "lab", join: int = 1,
+           leave: int | None = None, peer_id: str | None = None) -> MemberRecord:
+    return MemberRecord(swarm, peer_id or IDS[i], name or f"peer{i}", (f"/ip4/127.0.0.1/tcp/{4001 + i}",), join,
+                        leave, seq)
+
+
+def signed(i: int, **kw) -> list[bytes]:
+    return sign_record(KEYS[i], record(i, **kw)).wire()
+
+
+def view(own: int = 0, num_peers: int = 6, timeout_s: float = 10.0) -> MemberView:
+    v = MemberView("lab", IDS[own], num_peers, timeout_s)
+    v.set_own(sign_record(KEYS[own], record(own)), 0.0)
+    return v
+
+
+# -- the peer file ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("keys, message", [
+    ({"bootstrap": ("/ip4/1.2.3.4/tcp/1",)}, "bootstrap: needs swarm"),
+    ({"swarm": "lab", "bootstrap": ("/ip4/1.2.3.4/tcp/1",)}, r"bootstrap\[0\]: .* must end in /p2p/PEER_ID"),
+    ({"swarm": "a b"}, "swarm: 1-64 letters"),
+    ({"swarm": "x" * 65}, "swarm: 1-64 letters"),
+    ({"swarm": "lab", "member_timeout_s": 0.0}, "member_timeout_s: must be positive"),
+])
+def test_bad_swarm_keys_are_configuration_errors(keys, message):
+    with pytest.raises(ConfigError, match=message):
+        PeerConfig(**keys).validate()
+
+
+def test_a_swarm_member_lists_no_neighbours_and_a_bootstrap_needs_a_peer_id():
+    from p2pfed.config import NeighbourConfig
+    from p2pfed.peer_addresses import check_addresses
+
+    with pytest.raises(ConfigError, match="neighbours: a swarm member learns its neighbours"):
+        PeerConfig(num_peers=2, swarm="lab", neighbours=(NeighbourConfig("peer1", IDS[1]),)).validate()
+    config = PeerConfig(swarm="lab", bootstrap=(f"/ip4/127.0.0.1/tcp/4001/p2p/{IDS[1]}",)).validate()
+    check_addresses(config, IDS[0])
+    with pytest.raises(ConfigError, match=r"bootstrap\[0\]"):
+        check_addresses(PeerConfig(swarm="lab", bootstrap=("/ip4/127.0.0.1/tcp/4001/p2p/notanid",)), IDS[0])
+
+
+# -- signed records --------------------------------------------------------------------------
+
+def test_a_signed_record_verifies_and_round_trips_through_a_message():
+    raw = signed(1, seq=7, leave=5)
+    assert verify(raw).record == record(1, seq=7, leave=5)
+    message = decode_message(encode_message("lab", "sync", 3, [verify(raw)]))
+    assert (message.swarm, message.kind, message.round) == ("lab", "sync", 3)
+    assert verify(message.records[0]).record == record(1, seq=7, leave=5)
+
+
+def test_a_member_signs_only_its_own_record():
+    with pytest.raises(ValueError, match="own record"):
+        sign_record(KEYS[0], record(1))
+
+
+def test_a_forged_record_is_refused():
+    body, key, signature = signed(1)
+    changed = msgpack.packb(["lab", IDS[1], "peer1", ["/ip4/6.6.6.6/tcp/1"], 1, 0, 1], use_bin_type=True)
+    with pytest.raises(MembershipError, match="does not verify"):
+        verify([changed, key, signature])  # the addresses changed after signing
+    with pytest.raises(MembershipError, match="does not verify"):
+        verify([body, key, bytes(64)])
+    # Another peer's ID in a record signed with the stranger's own key: the key does not hash to that ID.
+    stranger = identity_from_seed(999)
+    forged = MemberRecord("lab", IDS[1], "peer1", (), 1, None, 99)
+    body = forged.body()
+    from p2pfed.net.member_records import DOMAIN
+    with pytest.raises(MembershipError, match="signed by another key"):
+        verify([body, stranger.public_key.to_bytes(), stranger.private_key.sign(DOMAIN + body)])
+
+
+@pytest.mark.parametrize("payload, message", [
+    (b"\x00" * (MAX_MESSAGE_BYTES + 1), "over"),
+    (msgpack.packb([1, "lab", "sync", 0]), "list of 5"),
+    (msgpack.packb([2, "lab", "sync", 0, []]), "version"),
+    (msgpack.packb([1, "lab", "gossip", 0, []]), "kind"),
+    (msgpack.packb([1, "lab", "sync", -1, []]), "round"),
+    (msgpack.packb([1, "l b", "sync", 0, []]), "swarm name"),
+    (msgpack.packb([1, "lab", "sync", 0, [[b"x", b"y", b"z"]] * 2049]), "not a membership message"),
+    (msgpack.packb({"v": 1}), "not a membership message"),
+    (b"\xc1", "not a membership message"),
+])
+def test_membership_messages_are_bounded_and_checked(payload, message):
+    with pytest.raises(MembershipError, match=message):
+        decode_message(payload)
+
+
+def test_record_fields_are_bounded():
+    for bad in (record(1, name="alice"), record(1, join=0), record(1, join=3, leave=3),
+                MemberRecord("lab", IDS[1], "peer1", ("/ip4/1.1.1.1/tcp/1",) * 9, 1, None, 1),
+                MemberRecord("lab", IDS[1], "peer1", ("x" * 300,), 1, None, 1)):
+        with pytest.raises(MembershipError):
+            sign_record(KEYS[1], bad)
+
+
+# -- the view's rules -------------------------------------------------------------------------
+
+def test_a_newer_seq_replaces_and_an_older_one_changes_nothing():
+    v = view()
+    assert v.offer(signed(1, seq=5), 1.0) == record(1, seq=5)
+    assert v.offer(signed(1, seq=4, leave=2), 2.0) is None and v.offer(signed(1, seq=5), 2.0) is None
+    assert v.offer(signed(1, seq=6, leave=3), 3.0).leave_round == 3
+    assert [r.name for r in v.members(2)] == sorted(["peer0", "peer1"], key=lambda n: IDS[int(n[4:])])
+    assert [r.name for r in v.members(3)] == ["peer0"]
+
+
+def test_nobody_can_take_a_name_a_live_member_holds():
+    v = view()
+    v.offer(signed(1, seq=5), 1.0)
+    with pytest.raises(MembershipError, match="claims peer1, which .* holds"):
+        v.offer(signed(2, name="peer1", seq=9), 2.0)
+    with pytest.raises(MembershipError, match="claims peer0, which .* holds"):
+        v.offer(signed(2, name="peer0", seq=9), 2.0)  # not this peer's own name either
+    with pytest.raises(MembershipError, match="peer0..peer5"):
+        v.offer(signed(2, name="peer6"), 2.0)
+    with pytest.raises(MembershipError, match="swarm 'other'"):
+        v.offer(signed(2, swarm="other"), 2.0)
+    assert v.holder("peer1") == IDS[1] and IDS[2] not in v.records
+
+
+def test_a_copy_of_the_own_record_is_noted_never_taken():
+    v = view()
+    before = sign_record(KEYS[0], record(0, seq=50, join=4)).wire()
+    assert v.offer(before, 1.0) is None
+    assert v.own_seen.join_round == 4 and v.records[IDS[0]].record.seq == 1
+
+
+def test_a_member_not_refreshed_for_the_timeout_leaves_and_an_old_record_does_not_bring_it_back():
+    v = view(timeout_s=10.0)
+    v.offer(signed(1, seq=5), 0.0)
+    v.offer(signed(2, seq=5), 0.0)
+    v.offer(signed(2, seq=6), 8.0)  # peer2 re-signed: fresh again
+    assert v.expire(9.0) == []
+    assert [r.name for r in v.expire(10.5)] == ["peer1"]
+    assert v.offer(signed(1, seq=5), 11.0) is None and IDS[1] not in v.records
+    assert v.offer(signed(1, seq=7), 12.0) is not None  # it came back: a fresher record
+    assert v.holder("peer1") == IDS[1]
+
+
+# -- the derived topology ---------------------------------------------------------------------
+
+def test_every_member_derives_the_same_graph_whatever_order_it_learnt_the_members_in():
+    members = [record(i) for i in range(6)]
+    topology = TopologyConfig(generator="random_regular", params={"d": 2, "resample_every": 1})
+    graphs = [derived_graph(order, topology, 7, 3) for order in (members, members[::-1], members[2:] + members[:2])]
+    assert all(nx.utils.graphs_equal(graphs[0], g) for g in graphs)
+    ordered = sorted(members, key=lambda r: r.peer_id)
+    with pytest.warns(UserWarning):  # this draw has two components: the spec's business
+        drawn = graph_at_round(topology, 6, 7, 3)
+    expected = nx.relabel_nodes(drawn, {k: r.name for k, r in enumerate(ordered)})
+    assert sorted(map(sorted, graphs[0].edges())) == sorted(map(sorted, expected.edges()))
+    assert not nx.utils.graphs_equal(graphs[0], derived_graph(members, topology, 7, 4))  # redrawn next round
+
+
+def test_the_schedule_follows_joins_and_leaves_and_keeps_a_rounds_neighbours():
+    members = [record(0), record(1), record(2, join=3), record(3, leave=2)]
+    live = list(members)
+    told = []
+    schedule = SwarmSchedule("peer0", lambda r: [m for m in live if m.takes_part(r)], TopologyConfig("complete"),
+                             0, on_round=lambda r, n: told.append((r, n)))
+    assert schedule.neighbours_at(1) == ("peer1", "peer3")
+    assert schedule.neighbours_at(2) == ("peer1",)
+    live.append(record(4))  # a member learnt mid-round: the round's neighbours stay
+    assert schedule.neighbours_at(2) == ("peer1",)
+    assert schedule.neighbours_at(3) == ("peer1", "peer2", "peer4")
+    assert [r for r, _ in told] == [1, 2, 3]
+    alone = SwarmSchedule("peer2", lambda r: [m for m in members if m.takes_part(r)], TopologyConfig(), 0)
+    assert not alone.takes_part(2) and alone.takes_part(3)
+
+
+def test_a_topology_that_cannot_be_built_for_this_many_members_falls_back_to_a_ring():
+    graph = derived_graph([record(i) for i in range(5)], TopologyConfig("random_regular", {"d": 3}), 0, 1)
+    assert sorted(d for _, d in graph.degree()) == [2] * 5
