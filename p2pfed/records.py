@@ -20,6 +20,9 @@ class RoundRecord:
     # () for round 0 and rounds it sat out. Histories written before this field existed read back as ().
     neighbours: tuple[str, ...] = ()
     val_loss: float | None = None  # the adapter's validation loss after the round (training.select_best)
+    # CoMiGS: per expert layer kind ("mlp.c_fc"), each expert's share of the gate weight on the test split
+    # ("g1" generalists, then "s1" specialists); {} without experts or when not evaluated (p2pfed.routing).
+    routing: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: dict) -> "RoundRecord":
