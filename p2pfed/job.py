@@ -15,11 +15,11 @@ from pathlib import Path
 import networkx as nx
 import torch
 
-from p2pfed.attacks import AttackEndpoint
+from p2pfed.attacks import AttackEndpoint, attack_of
 from p2pfed.config import AttackConfig, ConfigError, ExperimentConfig, PeerProfile, peer_index, peer_name
 from p2pfed.data import PeerData, load_group_texts, make_peer_data, tokenize_groups
 from p2pfed.experts import is_shared
-from p2pfed.loop import PeerSpec
+from p2pfed.loop import PeerHooks, PeerLoop, PeerSpec
 from p2pfed.net.transport import Endpoint
 from p2pfed.model import AdapterHost, AdapterLayout, BaseModel, attach_adapters, load_base_model
 from p2pfed.records import PeerResult
@@ -195,3 +195,15 @@ def initial_adapter(host: AdapterHost, spec: PeerSpec) -> dict[str, torch.Tensor
     """The adapter a peer starts from. Peers of one layout start from the same seeded adapter, and the
     seed does not depend on the scheme."""
     return host.initial_adapter(derive_seed(spec.seed, "shared-init"), spec.layout)
+
+
+def peer_loops(config: ExperimentConfig, host: AdapterHost, specs: list[PeerSpec], data: list[PeerData],
+               endpoint_of: Callable[[str], Endpoint], hooks: PeerHooks) -> list[PeerLoop]:
+    """The PeerLoops of a simulated job (or of the part of it one process hosts): each peer on its endpoint,
+    an attacker's wrapped, starting from the seeded initial adapter."""
+    loops = []
+    for spec, d in zip(specs, data):
+        initial = initial_adapter(host, spec)
+        endpoint = attacked(endpoint_of(spec.name), attack_of(config.attack, spec.name), spec, initial)
+        loops.append(PeerLoop(spec, host, d, endpoint, initial, hooks))
+    return loops

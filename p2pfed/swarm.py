@@ -14,10 +14,12 @@ from p2pfed.errors import first_error
 from p2pfed.data import PeerData
 from p2pfed.job import GraphSource, JobResult, Workspace, attacked, initial_adapter, job_setup, peer_specs
 from p2pfed.loop import PeerHooks, PeerLoop
+from p2pfed.memory import run_trimmed
 from p2pfed.net import wire
 from p2pfed.net.memory import InMemoryNetwork
 from p2pfed.records import PeerResult, RoundRecord
 from p2pfed.seeding import derive_seed
+from p2pfed.swarm_workers import run_spread
 
 RoundCallback = Callable[[str, RoundRecord], None]
 UpdateCallback = Callable[[str, wire.UpdateMessage], None]
@@ -28,17 +30,23 @@ def run_job(config: ExperimentConfig, workspace: Workspace, scheme: str, seed: i
             graph: GraphSource | None = None, data: list[PeerData] | None = None,
             on_update: UpdateCallback | None = None) -> JobResult:
     """One job's peers on a virtual clock. `graph` and `data` replace the config's (job.job_setup);
-    `on_round` and `on_update` are the peers' hooks (loop.PeerHooks)."""
+    `on_round` and `on_update` are the peers' hooks (loop.PeerHooks). With `job_workers` > 1 the peers run in
+    that many processes (p2pfed.swarm_workers)."""
     source = graph  # a function round -> graph: each peer follows it round by round
     graph, data = job_setup(config, workspace, seed, source, data)
     specs = peer_specs(config, graph, data, scheme, seed, state_root, source)
+    if config.job_workers > 1 and len(specs) > 1:  # the same records, the peers on several cores
+        results = run_spread(config, seed, specs, data, on_round, on_update)
+        return JobResult.of(config, scheme, seed, graph, data, results)
     host = workspace.host_for(specs[0].scheme)
     network = InMemoryNetwork(config.network, derive_seed(seed, "net"))
     peers = []
     for spec, d in zip(specs, data):
         initial = initial_adapter(host, spec)
         endpoint = attacked(network.endpoint(spec.name), attack_of(config.attack, spec.name), spec, initial)
-        peers.append(PeerLoop(spec, host, d, endpoint, initial, PeerHooks(on_round=on_round, on_update=on_update)))
+        # Each peer's model work, then the heap pages it freed go back: else glibc keeps them per peer (p2pfed.memory).
+        hooks = PeerHooks(on_round=on_round, on_update=on_update, compute=run_trimmed)
+        peers.append(PeerLoop(spec, host, d, endpoint, initial, hooks))
     results: dict[str, PeerResult] = {}
 
     async def main() -> None:

@@ -3,7 +3,9 @@
 A peer only ever calls `send` and `receive` on its own endpoint; it never sees the network object.
 The network delivers within one process, with message drop, delay and churn as plain knobs.
 Fault decisions are hashed from (seed, sender, receiver, message number), never drawn in call order,
-so they do not depend on how trio happens to schedule the peers.
+so they do not depend on how trio happens to schedule the peers, nor on which process hosts which peer: a job
+spread over processes (p2pfed.swarm_workers) gives each process a network of its own peers, with `remote`
+taking what they send to the others after the same drop and delay decisions.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import trio
 
@@ -43,12 +46,21 @@ class InMemoryEndpoint:
         return self.network.online(self.name, round_index)
 
 
+class RemotePeers(Protocol):
+    """The peers of a job that live in other processes: messages to them leave through `put`."""
+
+    def __contains__(self, name: object) -> bool: ...
+
+    def put(self, sender: str, to: str, payload: bytes) -> None: ...
+
+
 class InMemoryNetwork:
     """Peers in one process. Use inside `async with network.running():` (delayed deliveries need a nursery)."""
 
-    def __init__(self, faults: NetworkConfig, seed: int):
+    def __init__(self, faults: NetworkConfig, seed: int, remote: RemotePeers | None = None):
         self.faults = faults
         self.seed = seed
+        self.remote = remote
         self._endpoints: dict[str, InMemoryEndpoint] = {}
         self._nursery: trio.Nursery | None = None
 
@@ -72,8 +84,7 @@ class InMemoryNetwork:
         return self.faults.churn_prob == 0 or uniform(self.seed, "churn", name, round_index) >= self.faults.churn_prob
 
     async def deliver(self, sender: str, to: str, number: int, payload: bytes) -> None:
-        target = self._endpoints.get(to)
-        if target is None:
+        if to not in self._endpoints and (self.remote is None or to not in self.remote):
             log.warning("%s sent to unknown peer %s; dropped", sender, to)
             return
         if self.faults.drop_prob and uniform(self.seed, "drop", sender, to, number) < self.faults.drop_prob:
@@ -81,10 +92,18 @@ class InMemoryNetwork:
         if self.faults.delay_prob and uniform(self.seed, "delay", sender, to, number) < self.faults.delay_prob:
             if self._nursery is None:
                 raise RuntimeError("delayed delivery needs `async with network.running():`")
-            self._nursery.start_soon(self._deliver_later, target, sender, payload)
+            self._nursery.start_soon(self._deliver_later, sender, to, payload)
             return
-        target.inbox_send.send_nowait((sender, payload))
+        self.put(sender, to, payload)
 
-    async def _deliver_later(self, target: InMemoryEndpoint, sender: str, payload: bytes) -> None:
+    def put(self, sender: str, to: str, payload: bytes) -> None:
+        """Hand a message that survived the faults to its receiver: here, or to the process that hosts it."""
+        target = self._endpoints.get(to)
+        if target is not None:
+            target.inbox_send.send_nowait((sender, payload))
+        elif self.remote is not None:
+            self.remote.put(sender, to, payload)
+
+    async def _deliver_later(self, sender: str, to: str, payload: bytes) -> None:
         await trio.sleep(self.faults.delay_s)
-        target.inbox_send.send_nowait((sender, payload))
+        self.put(sender, to, payload)
