@@ -2,7 +2,7 @@
 
 docs/algorithms.md, section 2. Each adapted layer computes
 
-    y = W x + sum_e p_e * s * B_e A_e x,     p = top-k(softmax(router(rms_norm(x))))
+    y = W x + sum_e g_e * s * B_e A_e x,     g = top-k(softmax(router(rms_norm(x))))
 
 Generalists are shared with neighbours; specialists and the router never leave the peer. That
 split is declared once, in TENSOR_KINDS; everything else asks `is_shared` / `is_router`.
@@ -125,6 +125,7 @@ class Routing:
     probs: Tensor  # (tokens, E): the router's full softmax, before the top-k cut; carries its graph
     mask: Tensor | None  # (tokens, E): 1 where the expert is among the token's top k; None when k = E
     top_k: int
+    gates: Tensor  # (tokens, E): what multiplies each expert's output (0 outside the top k)
 
 
 def base_dims(base: nn.Module) -> tuple[int, int]:
@@ -150,8 +151,8 @@ class MixtureOfLoraExperts(nn.Module):
     The constructor only allocates zero placeholders of the config's shape: model.AdapterHost
     points them at a peer's tensors, whose seeded init is AdapterHost.initial_adapter's.
 
-    With k = 1 the kept probability is renormalised to exactly 1, so the task loss gives the
-    router no gradient: top-1 routing learns only from the load-balancing loss.
+    With k = 1 a token's one expert is scaled by its raw probability (not renormalised to 1), so
+    the task loss reaches the router through it.
     """
 
     def __init__(self, base: nn.Module, config: ExpertLayerConfig):
@@ -185,21 +186,7 @@ class MixtureOfLoraExperts(nn.Module):
             raise ValueError(f"expert tensors disagree: A {tuple(A.shape)}, B {tuple(B.shape)}, "
                              f"router {tuple(router.shape)}")
         flat = x.reshape(-1, self.in_features)
-        # The router sees the layer's input RMS-normalised, without a learned scale (as the paper's
-        # router sees the block's normalised input): the scale of a layer's input differs from layer
-        # to layer and drifts as adapters train, and the logits should not follow it. Computed as
-        # rms_norm(x) R^T = (x R^T) / rms(x): one pass over x instead of a normalised copy of it
-        # (F.rms_norm made the layer about a third slower at the tiny model's sizes).
-        eps = torch.finfo(flat.dtype).eps
-        inv_rms = torch.rsqrt(torch.linalg.vector_norm(flat, dim=-1, keepdim=True).square() / self.in_features + eps)
-        probs = torch.softmax(F.linear(flat, router) * inv_rms, dim=-1)
-        k = min(self.top_k, n_experts)
-        gates, mask = probs, None
-        if k < n_experts:
-            kept, index = probs.topk(k, dim=-1)
-            mask = torch.zeros_like(probs).scatter_(-1, index, 1.0)
-            gates = torch.zeros_like(probs).scatter(-1, index, kept / kept.sum(-1, keepdim=True))
-        self.last_routing = Routing(probs=probs, mask=mask, top_k=k)
+        gates = self._route(flat.detach(), router, n_experts)
         # All experts at once, as one LoRA of rank E*r whose r-blocks each token scales by its gate:
         # computing every expert densely beats dispatching tokens to experts here (docs/compute.md, "Expert layers").
         hidden = (flat @ A.reshape(n_experts * rank, self.in_features).t()).view(-1, n_experts, rank)
@@ -208,6 +195,32 @@ class MixtureOfLoraExperts(nn.Module):
         scale = lora_scale(self.alpha, rank, self.rslora)
         out = torch.addmm(out.reshape(-1, self.out_features), hidden, up, alpha=scale)
         return out.view(*x.shape[:-1], self.out_features)
+
+    def _route(self, flat: Tensor, router: Tensor, n_experts: int) -> Tensor:
+        """The gates (tokens, E) of `flat`, a detached copy of the layer input; keeps last_routing.
+
+        The router sees a detached input: the routing decision is this layer's router's alone, so
+        neither the language-model loss nor the load-balancing loss reaches earlier layers' adapters
+        through it (the bi-level split stays clean), and the expert phase, whose routers are frozen,
+        builds no graph for routing at all (about a fifth of the layer's step at the tiny model).
+        The input is RMS-normalised without a learned scale: the scale of a layer's input differs
+        from layer to layer and drifts as adapters train, and the logits should not follow it.
+        """
+        eps = torch.finfo(flat.dtype).eps
+        inv_rms = flat.square().mean(-1, keepdim=True).add_(eps).rsqrt_()
+        probs = torch.softmax(F.linear(flat, router) * inv_rms, dim=-1)
+        k = min(self.top_k, n_experts)
+        if k == n_experts:
+            self.last_routing = Routing(probs=probs, mask=None, top_k=k, gates=probs)
+            return probs
+        kept, index = probs.topk(k, dim=-1)
+        mask = torch.zeros_like(probs).scatter_(-1, index, 1.0)
+        # Top-1 keeps the raw probability (as Switch Transformers do): renormalised it would be exactly
+        # 1 and the task loss would give the router no gradient. Top-k (k >= 2) renormalises over the kept.
+        weights = kept if k == 1 else kept / kept.sum(-1, keepdim=True)
+        gates = torch.zeros_like(probs).scatter(-1, index, weights)
+        self.last_routing = Routing(probs=probs, mask=mask, top_k=k, gates=gates)
+        return gates
 
     def load_balancing_loss(self) -> Tensor | None:
         """The Switch-style auxiliary loss of the last forward pass: E * sum_e f_e * P_e.

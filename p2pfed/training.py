@@ -169,13 +169,15 @@ class ExpertTrainer:
 
     def train(self, steps: int) -> float:
         with self.host.using(self.adapter) as model:
-            def expert_loss(batch: torch.Tensor) -> torch.Tensor:
+            def router_loss(batch: torch.Tensor) -> torch.Tensor:
+                # The load-balancing loss belongs to the router phase: only routers can act on it (a
+                # router's input is detached, so in the expert phase it would have no gradient at all).
                 loss = lm_loss(model, batch)
                 balance = mean_load_balancing_loss(model)  # None where every token keeps every expert
                 return loss if balance is None or not self.load_balancing else loss + self.load_balancing * balance
 
-            stats = self.schedule.train_round(steps, expert_loss, self.train_stream, self.val_stream,
-                                              router_loss=lambda batch: lm_loss(model, batch))
+            stats = self.schedule.train_round(steps, lambda batch: lm_loss(model, batch), self.train_stream,
+                                              self.val_stream, router_loss=router_loss)
         return stats.expert_loss
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:

@@ -112,7 +112,9 @@ def test_hand_case_two_experts_top1_and_top2():
             p = [v / sum(exps) for v in exps]
             probabilities.append(p)
             kept = sorted(range(2), key=lambda e: -p[e])[:top_k]
-            gate = [p[e] / sum(p[k] for k in kept) if e in kept else 0.0 for e in range(2)]
+            # Top-1 keeps the raw probability (so the router learns from the task loss); top-k renormalises.
+            norm = 1.0 if top_k == 1 else sum(p[k] for k in kept)
+            gate = [p[e] / norm if e in kept else 0.0 for e in range(2)]
             y = []
             for o in range(2):
                 value = sum(W[o][i] * x[i] for i in range(2)) + b[o]
@@ -155,7 +157,8 @@ def naive(layer: MixtureOfLoraExperts, x: torch.Tensor) -> torch.Tensor:
         kept = torch.argsort(p, descending=True)[:k].tolist()
         y = layer.base(token)
         for e in kept:
-            y = y + p[e] / p[kept].sum() * s * (B[e] @ (A[e] @ token))
+            norm = 1.0 if k == 1 else p[kept].sum()
+            y = y + p[e] / norm * s * (B[e] @ (A[e] @ token))
         rows.append(y)
     return torch.stack(rows).view(*x.shape[:-1], -1)
 

@@ -1,0 +1,96 @@
+"""The routers of CoMiGS expert layers learn: top-1 gets a task gradient, the load-balancing loss trains the
+routers (and only them), routing does not reach back into the layer input, and routing shares are reported."""
+
+from __future__ import annotations
+
+
+import torch
+from torch import nn
+
+from p2pfed.config import ExpertsConfig, LoraConfig
+from p2pfed.experts import ExpertLayerConfig, MixtureOfLoraExperts, is_router
+from p2pfed.model import attach_adapters
+from p2pfed.routing import layer_kind, routing_shares
+from p2pfed.training import BilevelTrainer, ExpertTrainer, bilevel_optimizers
+from tests.test_experts import gen, gpt2_base, linear, randomise
+
+
+def test_top1_router_learns_from_the_task_loss():
+    layer = randomise(MixtureOfLoraExperts(linear(5, 4, 0), ExpertLayerConfig(1, 1, rank=2, top_k=1)), 1)
+    x = torch.randn(16, 5, generator=gen(2))
+    layer(x).pow(2).sum().backward()
+    # A renormalised top-1 gate is exactly 1 and would leave this gradient zero.
+    assert layer.router.grad is not None and layer.router.grad.abs().sum() > 0
+    gates = layer.last_routing.gates
+    assert torch.equal((gates > 0).sum(-1), torch.ones(16, dtype=torch.long))
+    assert torch.all(gates.max(-1).values < 1)  # the raw probability, not 1
+
+
+def test_routing_does_not_reach_back_into_the_layer_input():
+    layer = randomise(MixtureOfLoraExperts(linear(5, 4, 0, torch.float64),
+                                           ExpertLayerConfig(1, 2, rank=2, alpha=4.0, top_k=2)), 3)
+    x = torch.randn(8, 5, generator=gen(4), dtype=torch.float64, requires_grad=True)
+    layer(x).pow(2).sum().backward()
+    gates = layer.last_routing.gates.detach()  # the same gates, held constant
+    A = torch.cat([layer.generalist_A, layer.specialist_A]).detach()
+    B = torch.cat([layer.generalist_B, layer.specialist_B]).detach()
+    x_ref = x.detach().clone().requires_grad_(True)
+    y = layer.base(x_ref) + 2.0 * torch.einsum("te,eor,eri,ti->to", gates, B, A, x_ref)
+    y.pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    assert layer.router.grad.abs().sum() > 0  # the router still learns through the gates
+
+
+def _trainer(load_balancing: float, seed: int = 0):
+    base = gpt2_base()
+    host = attach_adapters(base, LoraConfig(rank=4, alpha=8.0), ExpertsConfig(top_k=1))
+    adapter = {n: nn.Parameter(t) for n, t in host.initial_adapter(seed, host.layout(4, 1, 2)).items()}
+    for name, tensor in adapter.items():  # nonzero B, so the experts differ and routing matters
+        if name.endswith("_B"):
+            with torch.no_grad():
+                tensor.copy_(torch.randn(tensor.shape, generator=gen(7)) * 0.1)
+    schedule = BilevelTrainer(bilevel_optimizers(adapter, 1e-2, 1e-1), router_every=1, router_steps=1)
+
+    def stream(seed):
+        g = gen(seed)
+        return iter(lambda: torch.randint(0, 64, (4, 16), generator=g), None)
+
+    return adapter, ExpertTrainer(host, adapter, schedule, stream(1), stream(2), load_balancing)
+
+
+def test_the_load_balancing_loss_trains_the_routers_and_only_them():
+    plain, plain_trainer = _trainer(0.0)
+    balanced, balanced_trainer = _trainer(10.0)
+    plain_trainer.train(1)  # one expert step, then one router step
+    balanced_trainer.train(1)
+    for name in plain:
+        if is_router(name):
+            assert not torch.equal(plain[name], balanced[name]), name
+        else:  # the expert step ran before any router step and never sees the load-balancing loss
+            assert torch.equal(plain[name], balanced[name]), name
+
+
+def test_routing_shares_are_the_mean_gates_per_layer_kind():
+    base = gpt2_base()
+    host = attach_adapters(base, LoraConfig(rank=4, alpha=8.0), ExpertsConfig(top_k=2))
+    adapter = host.initial_adapter(0, host.layout(4, 1, 2))
+    adapter = {n: t * 30 if is_router(n) else t for n, t in adapter.items()}  # routers with preferences
+    blocks = torch.randint(0, 64, (5, 16), generator=gen(3))
+    shares = routing_shares(host, adapter, blocks, batch_size=2)
+    assert set(shares) == {"mlp.c_fc", "mlp.c_proj"}
+    with torch.no_grad(), host.using(adapter) as model:
+        model(input_ids=blocks)
+        layer = model.get_submodule("transformer.h.0.mlp.c_fc")
+        expected = layer.last_routing.gates.sum(0) / layer.last_routing.gates.sum()
+    assert list(shares["mlp.c_fc"]) == ["g1", "s1", "s2"]
+    torch.testing.assert_close(torch.tensor(list(shares["mlp.c_fc"].values())), expected, atol=1e-4, rtol=0)
+    assert max(shares["mlp.c_fc"].values()) > 0.4  # far from uniform: the shares follow the router
+    assert abs(sum(shares["mlp.c_proj"].values()) - 1) < 1e-3
+    plain = attach_adapters(gpt2_base(), LoraConfig(rank=4, alpha=8.0), None)
+    assert routing_shares(plain, plain.initial_adapter(0), blocks) == {}
+
+
+def test_layer_kind_drops_the_block():
+    assert layer_kind("transformer.h.11.mlp.c_fc") == "mlp.c_fc"
+    assert layer_kind("model.layers.0.mlp.down_proj") == "mlp.down_proj"
+    assert layer_kind("0") == "0" and layer_kind("c_fc") == "c_fc"
