@@ -27,6 +27,7 @@ from p2pfed.model import AdapterHost, AdapterLayout, trainable_copy
 from p2pfed.net import wire
 from p2pfed.net.transport import Endpoint
 from p2pfed.records import PeerResult, RoundRecord
+from p2pfed.routing import routing_shares
 from p2pfed.strategies import (
     AGGREGATORS,
     TRUST_RULES,
@@ -229,8 +230,9 @@ class PeerLoop:
             await compute(partial(self._aggregate, adapter, usable, weights))
         evaluate_now = round_index % training.eval_every == 0 or round_index == training.rounds
         test_ppl = await compute(partial(self._test_ppl, adapter)) if evaluate_now else None
+        routing = await compute(partial(self._routing, adapter)) if evaluate_now else {}
         return RoundRecord(round_index, steps, train_loss, test_ppl, weights, missing, self.endpoint.bytes_sent,
-                           neighbours=neighbours)
+                           neighbours=neighbours, routing=routing)
 
     async def _hear_from_the_swarm(self, round_index: int) -> None:
         """A newcomer (it sat rounds out) waits for its first neighbour's update before it trains.
@@ -376,6 +378,9 @@ class PeerLoop:
 
     def _test_ppl(self, adapter) -> float:
         return evaluate.perplexity(self.host, adapter, self.data.test)
+
+    def _routing(self, adapter) -> dict[str, dict[str, float]]:
+        return routing_shares(self.host, adapter, self.data.test) if self.host.expert_layers else {}
 
     def _record(self, result: PeerResult, record: RoundRecord) -> None:
         result.rounds.append(record)
