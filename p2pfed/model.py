@@ -94,7 +94,7 @@ def tiny_config(config: ModelConfig, vocab_size: int):
 
 
 def tiny_model_key(config: ModelConfig, pretrain_text: str) -> str:
-    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("source", "gguf_file", "cache_dir")}
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("source", "gguf_file", "cache_dir", "device", "dtype")}
     fields["recipe"] = 2  # bump when pretrain_tiny changes, so stale caches are not reused
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
     digest.update(hashlib.sha256(pretrain_text.encode()).digest())

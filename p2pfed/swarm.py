@@ -14,6 +14,7 @@ from p2pfed.errors import first_error
 from p2pfed.data import PeerData
 from p2pfed.job import GraphSource, JobResult, Workspace, attacked, initial_adapter, job_setup, peer_specs
 from p2pfed.loop import PeerHooks, PeerLoop
+from p2pfed.memory import run_trimmed
 from p2pfed.net import wire
 from p2pfed.net.memory import InMemoryNetwork
 from p2pfed.records import PeerResult, RoundRecord
@@ -43,7 +44,9 @@ def run_job(config: ExperimentConfig, workspace: Workspace, scheme: str, seed: i
     for spec, d in zip(specs, data):
         initial = initial_adapter(host, spec)
         endpoint = attacked(network.endpoint(spec.name), attack_of(config.attack, spec.name), spec, initial)
-        peers.append(PeerLoop(spec, host, d, endpoint, initial, PeerHooks(on_round=on_round, on_update=on_update)))
+        # Each peer's model work, then the heap pages it freed go back: else glibc keeps them per peer (p2pfed.memory).
+        hooks = PeerHooks(on_round=on_round, on_update=on_update, compute=run_trimmed)
+        peers.append(PeerLoop(spec, host, d, endpoint, initial, hooks))
     results: dict[str, PeerResult] = {}
 
     async def main() -> None:

@@ -24,11 +24,24 @@ class ModelConfig:
     pretrain_lr: float = 3e-3
     pretrain_seed: int = 1234
     cache_dir: str = ""  # empty: $P2PFED_CACHE or ~/.cache/p2pfed
+    # Where the base model and the adapters live: "auto" (CUDA when torch sees a GPU, else the CPU), "cpu",
+    # "cuda", "cuda:N" or "mps". Whether it exists is checked when the model loads (p2pfed.device).
+    device: str = "auto"
+    # The frozen base's dtype; adapters and their optimizer state stay float32 (see README, "Devices").
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
 
     def validate(self) -> None:
         check(self.context >= 8, "model.context", "must be at least 8")
+        check(self.device in ("auto", "cpu", "cuda", "mps") or _is_cuda_index(self.device), "model.device",
+              f"must be auto, cpu, cuda, cuda:N or mps, not {self.device!r}")
+        check(self.dtype in ("fp32", "bf16", "fp16"), "model.dtype", f"must be fp32, bf16 or fp16, not {self.dtype!r}")
         check(self.n_embd % self.n_head == 0, "model.n_embd", "must be a multiple of model.n_head")
         check(self.pretrain_lr > 0, "model.pretrain_lr", "must be positive")
+
+
+def _is_cuda_index(device: str) -> bool:
+    prefix, _, index = device.partition(":")
+    return prefix == "cuda" and index.isdigit()
 
 
 def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
