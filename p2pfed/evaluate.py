@@ -26,9 +26,10 @@ def mean_loss(host: AdapterHost, adapter: Mapping[str, torch.Tensor], blocks: to
               batch_size: int = 32) -> float:
     """Mean next-token cross-entropy over every predicted token of `blocks`."""
     total, count = 0.0, 0
+    blocks = blocks.to(host.device)  # data stays on the CPU until a pass needs it
     with host.using(adapter) as model:
         for batch in _chunks(blocks, batch_size):
-            logits = model(input_ids=batch).logits[:, :-1]
+            logits = model(input_ids=batch).logits[:, :-1].float()  # a bf16 or fp16 base: the loss in float32
             targets = batch[:, 1:]
             total += nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                                  reduction="sum").item()
@@ -50,7 +51,7 @@ def validation_scores(host: AdapterHost, candidates: Mapping[str, Mapping[str, t
 @torch.inference_mode()
 def _log_probs(host: AdapterHost, adapter: Mapping[str, torch.Tensor], blocks: torch.Tensor) -> torch.Tensor:
     with host.using(adapter) as model:
-        logits = model(input_ids=blocks).logits[:, :-1]
+        logits = model(input_ids=blocks.to(host.device)).logits[:, :-1]
     return torch.log_softmax(logits.float(), dim=-1).reshape(-1, logits.shape[-1])
 
 

@@ -185,7 +185,7 @@ class MixtureOfLoraExperts(nn.Module):
         if B.shape[0] != n_experts or router.shape[0] != n_experts or B.shape[2] != rank:
             raise ValueError(f"expert tensors disagree: A {tuple(A.shape)}, B {tuple(B.shape)}, "
                              f"router {tuple(router.shape)}")
-        flat = x.reshape(-1, self.in_features)
+        flat = x.reshape(-1, self.in_features).to(A.dtype)  # a bf16 or fp16 base: the experts stay float32
         gates = self._route(flat.detach(), router, n_experts)
         # All experts at once, as one LoRA of rank E*r whose r-blocks each token scales by its gate:
         # computing every expert densely beats dispatching tokens to experts here (docs/compute.md, "Expert layers").
@@ -193,8 +193,8 @@ class MixtureOfLoraExperts(nn.Module):
         hidden = (hidden * gates.unsqueeze(-1)).view(-1, n_experts * rank)
         up = B.transpose(1, 2).reshape(n_experts * rank, self.out_features)
         scale = lora_scale(self.alpha, rank, self.rslora)
-        out = torch.addmm(out.reshape(-1, self.out_features), hidden, up, alpha=scale)
-        return out.view(*x.shape[:-1], self.out_features)
+        out = torch.addmm(out.reshape(-1, self.out_features).to(A.dtype), hidden, up, alpha=scale)
+        return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def _route(self, flat: Tensor, router: Tensor, n_experts: int) -> Tensor:
         """The gates (tokens, E) of `flat`, a detached copy of the layer input; keeps last_routing.

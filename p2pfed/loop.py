@@ -324,6 +324,7 @@ class PeerLoop:
         """Decode a neighbour's payload and check it; raises (wire.WireError, ValueError) on anything wrong."""
         limits = wire.WireLimits(max_bytes=self.spec.network.max_message_bytes)
         message = wire.decode_update(payload, expected_shapes, limits)
+        message = dataclasses.replace(message, tensors=self.host.place(message.tensors))  # decoded on the CPU
         if message.sender != sender:
             raise ValueError("the update names another sender than the connection it came on")
         norm = self._update_norm(message.tensors)

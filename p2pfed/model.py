@@ -25,6 +25,7 @@ from torch import nn
 
 from p2pfed.config import ConfigError, ExpertsConfig, LoraConfig, ModelConfig
 from p2pfed.data import ByteTokenizer, load_pretrain_text
+from p2pfed.device import module_device, resolve_device, torch_dtype
 from p2pfed.experts import (EXPERT_TENSORS, MLP_TARGETS, ExpertLayerConfig, MixtureOfLoraExperts, attach_experts,
                             init_tensor, is_shared)
 
@@ -102,39 +103,24 @@ def tiny_model_key(config: ModelConfig, pretrain_text: str) -> str:
 
 
 def load_base_model(config: ModelConfig, log=print) -> BaseModel:
-    """The frozen base: the pretrained tiny default, a local HF directory, or a GGUF file."""
+    """The frozen base: the pretrained tiny default, a local HF directory, or a GGUF file; on model.device
+    in model.dtype (an unavailable device is a ConfigError, before anything loads)."""
+    device, dtype = resolve_device(config.device), torch_dtype(config.dtype)
     if config.source == "tiny":
         model, tokenizer = _load_or_pretrain_tiny(config, log)
         family = "gpt2"
     else:
-        model, tokenizer = _load_local(config)
+        from p2pfed.local_model import load_local
+
+        model, inner = load_local(config, dtype)
+        tokenizer = HFTokenizer(inner)
         family = getattr(model.config, "model_type", "")
+    model.to(device=device, dtype=dtype)
     model.eval()
     model.requires_grad_(False)
     context = int(getattr(model.config, "n_positions", 0) or getattr(model.config, "max_position_embeddings", 0)
                   or config.context)
     return BaseModel(model=model, tokenizer=tokenizer, context=context, family=family)
-
-
-def _load_local(config: ModelConfig):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(config.source)
-    if path.suffix == ".gguf" and not config.gguf_file:
-        directory, gguf_file = str(path.parent), path.name
-    else:
-        directory, gguf_file = str(path), (config.gguf_file or None)
-    if not Path(directory).exists():
-        raise ConfigError(f"model.source: {config.source} does not exist (use \"tiny\", a local Hugging Face "
-                          f"model directory or a .gguf file)")
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True,
-                                                     dtype=torch.float32, **kwargs)
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"model.source: cannot load {config.source}: {error}") from error
-    return model, HFTokenizer(tokenizer)
 
 
 def _load_or_pretrain_tiny(config: ModelConfig, log):
@@ -250,6 +236,16 @@ class AdapterHost:
         self.lora = lora
         self.expert_layers = expert_layers  # whether MLP layers hold experts (the comigs methods' host)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the base and every adapter pointed into it live (model.device)."""
+        return module_device(self.model)
+
+    def place(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`tensors` on this host's device: what arrives from the network is decoded on the CPU."""
+        device = self.device
+        return {name: tensor.to(device) for name, tensor in tensors.items()}
+
     def layout(self, rank: int | None = None, generalists: int = 0, specialists: int = 0) -> AdapterLayout:
         layout = AdapterLayout(rank or self.lora.rank, generalists, specialists)
         if layout.has_experts != self.expert_layers:
@@ -275,7 +271,8 @@ class AdapterHost:
         generator = torch.Generator().manual_seed(seed)
         ordered = [s for s in self.slots if is_shared(s.name)] + [s for s in self.slots if not is_shared(s.name)]
         drawn = {slot.name: init_tensor(slot.kind, shapes[slot.name], generator) for slot in ordered}
-        return {slot.name: drawn[slot.name] for slot in self.slots}
+        # Drawn on the CPU, whatever the device: the same init on every machine. Always float32 (README, "Devices").
+        return self.place({slot.name: drawn[slot.name] for slot in self.slots})
 
     @contextlib.contextmanager
     def using(self, adapter: Mapping[str, torch.Tensor]) -> Iterator[nn.Module]:
@@ -407,8 +404,9 @@ def trainable_copy(adapter: Mapping[str, torch.Tensor]) -> dict[str, nn.Paramete
 
 
 def lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of a (batch, length) block of token ids."""
-    logits = model(input_ids=batch).logits
+    """Mean next-token cross-entropy of a (batch, length) block of token ids (moved to the model's device)."""
+    batch = batch.to(module_device(model))
+    logits = model(input_ids=batch).logits.float()  # a bf16 or fp16 base: the loss in float32
     return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
 
 

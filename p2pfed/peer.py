@@ -243,10 +243,9 @@ class Peer:
 
     async def __aexit__(self, *exc_info) -> bool | None:
         try:
-            if not self._done.is_set():
-                if self._swarm is not None:
-                    await self._swarm.leave()  # stopped early: the members re-derive the graph without it
-                self._stop.cancel()
+            if not self._done.is_set() and self._swarm is not None:
+                await self._swarm.leave()  # stopped early: the members re-derive the graph without it
+            self._stop.cancel()  # the rounds, if still running, and the membership's upkeep
             return await self._stack.__aexit__(*exc_info)
         finally:
             for channel in self._subscribers:
@@ -385,10 +384,10 @@ class Peer:
         with self._pointed_model() as model:
             tokenizer = self.prepared.base.tokenizer
             ids = tokenizer.encode(prompt)
-            start, context = len(ids), self.prepared.base.context
+            start, context, device = len(ids), self.prepared.base.context, self.prepared.host.device
             generator = torch.Generator().manual_seed(seed)
             for _ in range(max_new_tokens):
-                logits = model(input_ids=torch.tensor([ids[-context:]])).logits[0, -1]
+                logits = model(input_ids=torch.tensor([ids[-context:]], device=device)).logits[0, -1].float().cpu()
                 if temperature <= 0:
                     token = int(logits.argmax())
                 else:

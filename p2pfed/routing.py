@@ -65,7 +65,7 @@ def routing_shares(host: AdapterHost, adapter: Mapping[str, torch.Tensor], block
     try:
         with host.using(adapter) as model:
             for start in range(0, len(blocks), batch_size):
-                model(input_ids=blocks[start:start + batch_size])
+                model(input_ids=blocks[start:start + batch_size].to(host.device))
     finally:
         for handle in handles:
             handle.remove()
