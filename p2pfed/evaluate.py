@@ -42,6 +42,15 @@ def perplexity(host: AdapterHost, adapter: Mapping[str, torch.Tensor], blocks: t
     return math.exp(mean_loss(host, adapter, blocks, batch_size))
 
 
+def score_window(blocks: torch.Tensor, count: int, round_index: int) -> torch.Tensor:
+    """`count` of `blocks` for round `round_index`: a window that moves by `count` each round and wraps, so every
+    block is scored in turn (0, or at least as many as there are: all of them). Deterministic, no RNG."""
+    if count <= 0 or count >= len(blocks):
+        return blocks
+    start = (round_index * count) % len(blocks)
+    return blocks[[(start + i) % len(blocks) for i in range(count)]]
+
+
 def validation_scores(host: AdapterHost, candidates: Mapping[str, Mapping[str, torch.Tensor]],
                       blocks: torch.Tensor) -> dict[str, float]:
     """S_ij = - mean loss of candidate j's adapter on this peer's validation blocks."""

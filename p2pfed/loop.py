@@ -26,8 +26,9 @@ from p2pfed.experts import is_shared
 from p2pfed.model import AdapterHost, AdapterLayout, trainable_copy
 from p2pfed.net import wire
 from p2pfed.net.transport import Endpoint
-from p2pfed.records import PeerResult, RoundRecord
+from p2pfed.records import PeerResult, RoundRecord, Selected
 from p2pfed.routing import routing_shares
+from p2pfed.selection import BestRound
 from p2pfed.strategies import (
     AGGREGATORS,
     TRUST_RULES,
@@ -142,6 +143,7 @@ class PeerLoop:
         self.adapter: dict[str, torch.nn.Parameter] | None = None  # the live adapter, once run() has started
         self._early: list[tuple[str, bytes]] = []  # received while waiting to hear from the swarm (a newcomer)
         self._caught_up = True  # False after rounds sat out by the schedule, until a neighbour is heard from
+        self._best = BestRound()  # training.select_best: the adapter of the lowest validation loss so far
 
     def communicates(self, round_index: int) -> bool:
         return self.spec.scheme.shares_anything and bool(self.spec.neighbours_at(round_index))
@@ -175,7 +177,8 @@ class PeerLoop:
         checkpoint = self._load_checkpoint()
         if checkpoint is None:
             test_ppl = await self.hooks.compute(partial(self._test_ppl, adapter))
-            self._record(result, RoundRecord(0, 0, None, test_ppl, {}, (), 0))
+            val_loss = await self.hooks.compute(partial(self._select, 0, adapter))
+            self._record(result, RoundRecord(0, 0, None, test_ppl, {}, (), 0, val_loss=val_loss))
         else:
             steps, saved_round = checkpoint.steps, checkpoint.round
             self._restore(checkpoint, adapter, trainer, result)
@@ -192,6 +195,7 @@ class PeerLoop:
                     self._save(adapter, trainer, result, steps)
                     saved_round = round_index
                 await trio.sleep(0)  # let other peers and the transport run between rounds
+            result.selected = await self.hooks.compute(partial(self._keep_best, adapter))
         finally:
             # Stopped between rounds: keep what the last rounds did. Stopped mid-round: the adapter holds a
             # half-done round, so the last checkpoint (at most checkpoint_every rounds old) stands.
@@ -226,13 +230,14 @@ class PeerLoop:
             missing = tuple(n for n in neighbours if n not in usable or usable[n].round != round_index)
             rule = TRUST_RULES[spec.scheme.trust]
             run = compute if rule.runs_model else self.hooks.offload
-            weights = await run(partial(self._weights, rule, adapter, usable, len(neighbours)))
+            weights = await run(partial(self._weights, rule, adapter, usable, len(neighbours), round_index))
             await compute(partial(self._aggregate, adapter, usable, weights))
         evaluate_now = round_index % training.eval_every == 0 or round_index == training.rounds
         test_ppl = await compute(partial(self._test_ppl, adapter)) if evaluate_now else None
         routing = await compute(partial(self._routing, adapter)) if evaluate_now else {}
+        val_loss = await compute(partial(self._select, round_index, adapter))
         return RoundRecord(round_index, steps, train_loss, test_ppl, weights, missing, self.endpoint.bytes_sent,
-                           neighbours=neighbours, routing=routing)
+                           neighbours=neighbours, val_loss=val_loss, routing=routing)
 
     async def _hear_from_the_swarm(self, round_index: int) -> None:
         """A newcomer (it sat rounds out) waits for its first neighbour's update before it trains.
@@ -272,6 +277,7 @@ class PeerLoop:
         for name, stream in trainer.streams().items():
             stream.restore(checkpoint.streams[name])
         result.rounds.extend(RoundRecord.from_dict(r) for r in checkpoint.history)
+        self._best = BestRound.from_meta(checkpoint.meta.get("best"))
         log.info("%s: resumed from %s after round %d", self.spec.name, self.spec.state_dir, checkpoint.round)
 
     def _save(self, adapter, trainer: LocalTrainer, result: PeerResult, steps: int) -> None:
@@ -281,7 +287,7 @@ class PeerLoop:
             optimizers={name: o.state_dict() for name, o in trainer.optimizers().items()},
             streams={name: s.state() for name, s in trainer.streams().items()},
             trust=dict(result.final_trust), history=result.to_json()["rounds"],
-            meta={"identity": self._identity()},
+            meta={"identity": self._identity(), "best": self._best.to_meta()},
         ))
 
     # -- the steps of a round -------------------------------------------------------------
@@ -356,20 +362,24 @@ class PeerLoop:
         return ratio * own if own > 0 else math.inf
 
     def _weights(self, rule: TrustRule, adapter, received: Mapping[str, wire.UpdateMessage],
-                 degree: int) -> dict[str, float]:
+                 degree: int, round_index: int) -> dict[str, float]:
         spec = self.spec
         inputs = TrustInputs(
             peer=spec.name, own={name: p.detach() for name, p in adapter.items()}, initial=self.initial_adapter,
             received=received, degree=degree, train_tokens=int(self.data.train.numel()),
             settings=spec.trust, host=self.host, val=self.data.val, mixed_ranks=self.flexible_rank,
-            oracle_mixtures=spec.oracle_mixtures)
+            oracle_mixtures=spec.oracle_mixtures, round=round_index, merge=partial(self._merged, adapter, received))
         return trust_weights(rule, inputs)
 
-    def _aggregate(self, adapter, received: Mapping[str, wire.UpdateMessage], weights: Mapping[str, float]) -> None:
+    def _merged(self, adapter, received: Mapping[str, wire.UpdateMessage], weights: Mapping[str, float]):
+        """The shared tensors this scheme's aggregator makes of the peer's own and `received` under `weights`."""
         own = {name: p.detach() for name, p in adapter.items() if is_shared(name)}
         states = {self.spec.name: own, **{n: m.tensors for n, m in received.items()}}
-        merged = AGGREGATORS[self.spec.scheme.aggregator].merge(AggregationInputs(
+        return AGGREGATORS[self.spec.scheme.aggregator].merge(AggregationInputs(
             peer=self.spec.name, states=states, weights=weights, scale=self.host.scale, settings=self.spec.trust))
+
+    def _aggregate(self, adapter, received: Mapping[str, wire.UpdateMessage], weights: Mapping[str, float]) -> None:
+        merged = self._merged(adapter, received, weights)
         if not all(bool(torch.isfinite(t).all()) for t in merged.values()):
             log.error("%s: the aggregate is not finite; keeping this peer's own adapter this round", self.spec.name)
             return
@@ -382,6 +392,24 @@ class PeerLoop:
 
     def _routing(self, adapter) -> dict[str, dict[str, float]]:
         return routing_shares(self.host, adapter, self.data.test) if self.host.expert_layers else {}
+
+    def _select(self, round_index: int, adapter) -> float | None:
+        """training.select_best: the adapter's validation loss, kept as the best if it is the lowest yet."""
+        if not self.spec.training.select_best:
+            return None
+        val_loss = evaluate.mean_loss(self.host, adapter, self.data.val)
+        self._best.offer(round_index, val_loss, {name: p.detach() for name, p in adapter.items()})
+        return val_loss
+
+    def _keep_best(self, adapter) -> Selected | None:
+        """After the last round: the best round's adapter becomes the peer's model, and its test perplexity."""
+        best = self._best
+        if not self.spec.training.select_best or best.tensors is None:
+            return None
+        with torch.no_grad():
+            for name, parameter in adapter.items():
+                parameter.copy_(best.tensors[name])
+        return Selected(best.round, best.val_loss, self._test_ppl(adapter))
 
     def _record(self, result: PeerResult, record: RoundRecord) -> None:
         result.rounds.append(record)

@@ -46,6 +46,8 @@ def summarize(config: ExperimentConfig | None, results, clean_results=()) -> dic
             "by_profile": _by_profile(jobs),
             "same_group_trust": _same_group_share(jobs),
         }
+        if all(p.selected is not None for job in jobs for p in job.peers.values()):
+            schemes[scheme]["selected"] = _selected_summary(jobs)
         if config is not None and config.attack:
             schemes[scheme]["attack"] = _attack_summary(config, jobs, [r for r in clean_results if r.scheme == scheme])
     first = results[0]
@@ -60,6 +62,16 @@ def summarize(config: ExperimentConfig | None, results, clean_results=()) -> dic
         "edges": [list(edge) for edge in first.graph_edges],
         "edges_by_seed": {seed: [list(edge) for edge in job.graph_edges] for seed, job in by_seed.items()},
     }
+
+
+def _selected_summary(jobs) -> dict:
+    """training.select_best: the test perplexity of each peer's best-validation round, and which rounds won."""
+    peers = [p for job in jobs for p in job.peers.values()]
+    mean, std = _mean_std([p.selected.test_ppl for p in peers])
+    return {"test_ppl_mean": mean, "test_ppl_std": std,
+            "per_seed": {str(job.seed): statistics.fmean(p.selected.test_ppl for p in job.peers.values())
+                         for job in jobs},
+            "round_mean": statistics.fmean(p.selected.round for p in peers)}
 
 
 def _same_group_share(jobs) -> float | None:
@@ -130,14 +142,18 @@ def print_table(summary: dict, console=None) -> None:
     schemes = summary["schemes"]
     best = min(schemes, key=lambda s: schemes[s]["test_ppl_mean"])
     table = Table(title=f"Test perplexity, mean ± std over peers and seeds {summary['seeds']} (lower is better)")
-    for column in ("scheme", "test ppl", "vs local", "same-group trust", "MB sent"):
+    selected = all("selected" in row for row in schemes.values())
+    columns = ("scheme", "test ppl", *(("best-val round",) if selected else ()), "vs local", "same-group trust",
+               "MB sent")
+    for column in columns:
         table.add_column(column, justify="left" if column == "scheme" else "right")
     local = schemes.get("local", {}).get("test_ppl_mean")
     for name, row in schemes.items():
         gain = f"{100 * (row['test_ppl_mean'] / local - 1):+.2f}%" if local else "-"
         share = same_group_trust(summary, name)
         style = "bold green" if name == best else None
-        table.add_row(name, f"{row['test_ppl_mean']:.3f} ± {row['test_ppl_std']:.3f}", gain,
+        kept = (f"{row['selected']['test_ppl_mean']:.3f} ± {row['selected']['test_ppl_std']:.3f}",) if selected else ()
+        table.add_row(name, f"{row['test_ppl_mean']:.3f} ± {row['test_ppl_std']:.3f}", *kept, gain,
                       "-" if share is None else f"{share:.2f}", f"{row['bytes_sent'] / 1e6:.2f}", style=style)
     console.print(table)
     if any("attack" in row for row in schemes.values()):

@@ -6,6 +6,7 @@ same content, no more and no less (the run folder's path aside).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,16 @@ class AttackResult:
 
 
 @dataclass(frozen=True)
+class SelectedResult:
+    """training.select_best: the test perplexity of each peer's best-validation round (early stopping)."""
+
+    test_ppl_mean: float
+    test_ppl_std: float
+    per_seed: dict[str, float]  # mean over peers, by seed
+    round_mean: float  # the mean round the peers' selected adapters come from
+
+
+@dataclass(frozen=True)
 class SchemeResult:
     """One scheme (a row of the table): over every peer and seed of its jobs."""
 
@@ -64,6 +75,7 @@ class SchemeResult:
     by_profile: dict[str, ProfileResult]
     same_group_trust: float | None  # mean weight on self and same-group peers (each seed's groups); None: no trust
     attack: AttackResult | None = None
+    selected: SelectedResult | None = None  # None: training.select_best was off
 
     @classmethod
     def from_json(cls, data: dict) -> SchemeResult:
@@ -73,7 +85,8 @@ class SchemeResult:
             curve=Curve(**data["curve"]), missing_updates=data["missing_updates"],
             by_profile={name: ProfileResult(**row) for name, row in data.get("by_profile", {}).items()},
             same_group_trust=data.get("same_group_trust"),
-            attack=AttackResult(**data["attack"]) if "attack" in data else None)
+            attack=AttackResult(**data["attack"]) if "attack" in data else None,
+            selected=SelectedResult(**data["selected"]) if "selected" in data else None)
 
     def to_json(self) -> dict:
         data = {"test_ppl_mean": self.test_ppl_mean, "test_ppl_std": self.test_ppl_std, "per_peer": self.per_peer,
@@ -83,6 +96,8 @@ class SchemeResult:
                 "by_profile": {name: {"test_ppl_mean": p.test_ppl_mean, "test_ppl_std": p.test_ppl_std,
                                       "peers": p.peers} for name, p in self.by_profile.items()},
                 "same_group_trust": self.same_group_trust}
+        if self.selected is not None:
+            data["selected"] = dataclasses.asdict(self.selected)
         if self.attack is not None:
             data["attack"] = self.attack.to_json()
         return data

@@ -16,6 +16,7 @@ docs/extending.md shows how to add one.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -51,6 +52,11 @@ class TrustInputs:
     val: Tensor  # the peer's validation blocks
     mixed_ranks: bool  # neighbours may hold other LoRA ranks
     oracle_mixtures: Mapping[str, Mapping[str, float]] | None = None
+    round: int = 0  # the round being aggregated (rules that score on a moving window of validation blocks)
+    # The shared tensors the scheme's aggregator makes of the peer's own and the received ones under a row of
+    # weights: for rules that judge a row by its aggregate. None where nobody provides it (then such rules
+    # fall back to judging the candidates one by one).
+    merge: Callable[[Weights], dict[str, Tensor]] | None = None
 
     @property
     def names(self) -> list[str]:
@@ -131,8 +137,19 @@ def _oracle(inputs: TrustInputs) -> Weights:
     return trust.oracle_weights(inputs.peer, {n: mixtures[n] for n in [inputs.peer, *inputs.names]})
 
 
+def _self_as_closest(scores: Weights, peer: str) -> Weights:
+    """A similarity to the peer's own adapter or predictions is trivially highest for the peer itself (cosine 1,
+    distance 0), which would keep it local; it counts instead as much as its closest neighbour."""
+    others = [v for n, v in scores.items() if n != peer and math.isfinite(v)]
+    return {**scores, peer: max(others)} if others else scores
+
+
 @trust_rule("weights", temperature="weights")
 def _weights(inputs: TrustInputs) -> Weights:
+    return _self_as_closest(_weight_similarities(inputs), inputs.peer)
+
+
+def _weight_similarities(inputs: TrustInputs) -> Weights:
     shared = inputs.shared_own()
     received = {n: inputs.received[n].tensors for n in inputs.names}
     if inputs.mixed_ranks:
@@ -159,8 +176,32 @@ def _predictions(inputs: TrustInputs) -> Weights:
     from p2pfed import evaluate
 
     settings = inputs.settings
-    return evaluate.predictions_scores(inputs.host, inputs.peer, inputs.candidates(), inputs.val,
-                                       settings.predictions_top_k, settings.predictions_distance)
+    scores = evaluate.predictions_scores(inputs.host, inputs.peer, inputs.candidates(), inputs.val,
+                                         settings.predictions_top_k, settings.predictions_distance)
+    return _self_as_closest(scores, inputs.peer)
+
+
+@trust_rule("adaptive", runs_model=True)
+def _adaptive(inputs: TrustInputs) -> Weights:
+    """Validation scores on a moving window of blocks, softmaxed at each of trust.adaptive_temperatures and
+    uniformly; the row whose aggregate scores best on the same blocks wins. The temperature thus adapts to the
+    setting (sharp where groups differ, flat where averaging helps), judged on the model actually kept."""
+    from p2pfed import evaluate
+
+    settings, host = inputs.settings, inputs.host
+    blocks = evaluate.score_window(inputs.val, settings.score_blocks, inputs.round)
+    candidates = inputs.candidates()
+    scores = evaluate.validation_scores(host, candidates, blocks)
+    rows = [trust.softmax_weights(scores, inputs.peer, tau, settings.top_k, settings.threshold)
+            for tau in sorted(settings.adaptive_temperatures)]
+    rows.append(trust.uniform_weights(inputs.peer, inputs.names))
+    if inputs.merge is None:
+        return rows[0]
+    own = candidates[inputs.peer]
+    # Ties keep the sharpest row (the earliest): it trusts only what the scores single out.
+    losses = [evaluate.mean_loss(host, {**own, **inputs.merge(row)}, blocks) for row in rows]
+    best = min(range(len(rows)), key=lambda i: (losses[i] if math.isfinite(losses[i]) else math.inf, i))
+    return rows[best]
 
 
 # -- aggregators ----------------------------------------------------------------------------

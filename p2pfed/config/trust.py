@@ -33,10 +33,18 @@ class TrustConfig:
     krum_byzantine: int = 1  # Krum's f: attackers assumed among a peer's neighbours
     predictions_top_k: int = 32  # next-token distributions are compared on their top-k tokens
     predictions_distance: Literal["kl", "l1"] = "kl"
+    # Validation blocks the "adaptive" rule scores on each round: a window that moves on every round (each
+    # block is used in turn), so scoring costs a fraction of a round's training. 0: every block.
+    score_blocks: int = 4
+    # The "adaptive" rule's candidate rows: softmaxes of its validation scores at each of these temperatures,
+    # and the uniform row (FedAvg); it keeps the row whose aggregate has the lowest validation loss.
+    adaptive_temperatures: tuple[float, ...] = (0.02, 0.05, 0.2)
 
     def validate(self) -> None:
         for scheme, tau in dataclasses.asdict(self.temperature).items():
             check(tau > 0, f"trust.temperature.{scheme}", "must be positive")
+        check(all(t > 0 for t in self.adaptive_temperatures), "trust.adaptive_temperatures", "must all be positive")
+        check(self.score_blocks >= 0, "trust.score_blocks", "must not be negative (0 scores on every block)")
         check(self.top_k >= 0, "trust.top_k", "must not be negative")
         check(self.threshold is None or 0 <= self.threshold < 1, "trust.threshold", "must be in [0, 1)")
         check(self.predictions_top_k >= 1, "trust.predictions_top_k", "must be at least 1")

@@ -1,0 +1,116 @@
+"""Trust against its baselines in six data settings: the README's settings table.
+
+    python examples/settings.py [--setting NAME ...] [--scheme NAME ...] [--seeds 0 1] [--rounds 10]
+                                [--workers 2] [--out runs/settings] [--set KEY=VALUE ...]
+
+Each (setting, scheme) is its own run folder, OUT/<setting>/<scheme>; one that holds results.json is read, not
+run again, so the table grows a setting or a scheme at a time and a stopped run resumes (a half-done folder is
+resumed job by job). Writes OUT/settings_table.md: per setting, test perplexity mean ± std over peers and seeds
+of the model each peer keeps (its best-validation round) and of its last round, every scheme side by side,
+and how the default trust rule ("adaptive") stands against the best of local, FedAvg and the oracle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from p2pfed import Swarm
+from p2pfed.experiment import quiet_transformers
+from p2pfed.load import load_experiment
+
+HERE = Path(__file__).resolve().parent
+SETTINGS: dict[str, dict] = {
+    "distant": {},  # english / italian, 4 peers each
+    "close": {"data.groups": ["spanish", "portuguese"]},
+    "scarce": {"data.train_blocks": 8},
+    "four-groups": {"data.groups": ["english", "italian", "spanish", "portuguese"]},
+    "dirichlet": {"data.split": "dirichlet", "data.dirichlet_alpha": 0.5},
+    "mixed": {"data.split": "mixed"},
+}
+BASELINES = ("local", "fedavg", "oracle")
+SCHEMES = (*BASELINES, "weights", "validation", "predictions", "adaptive")
+DEFAULT = "adaptive"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setting", action="append", choices=list(SETTINGS), help="default: all")
+    parser.add_argument("--scheme", action="append", help=f"default: {', '.join(SCHEMES)}")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--out", default="runs/settings")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args()
+    quiet_transformers()
+    base = load_experiment(HERE / "default.toml", args.overrides)
+    out = Path(args.out)
+    for setting in args.setting or SETTINGS:
+        for scheme in args.scheme or SCHEMES:
+            _run(base, setting, scheme, args, out / setting / scheme)
+    table = _table(out)
+    (out / "settings_table.md").write_text(table, encoding="utf-8")
+    print(table)
+
+
+def _run(base, setting: str, scheme: str, args, run_dir: Path) -> None:
+    if (run_dir / "results.json").is_file():
+        print(f"-> {run_dir} (done before)", flush=True)
+        return
+    print(f"-> {run_dir}", flush=True)
+    keys = {**SETTINGS[setting], "schemes": [scheme], "seeds": args.seeds, "workers": args.workers,
+            "training.rounds": args.rounds, "name": f"{setting}-{scheme}"}
+    swarm = Swarm(base, **keys)
+    swarm.run(out=run_dir, resume=run_dir.is_dir(), log=lambda *_: None)
+
+
+def _table(out: Path) -> str:
+    """Every finished run folder under `out`, a row per setting and the schemes as columns."""
+    done: dict[str, dict[str, dict]] = {}
+    for setting in SETTINGS:
+        for scheme in SCHEMES:
+            path = out / setting / scheme / "results.json"
+            if path.is_file():
+                data = json.loads(path.read_text(encoding="utf-8"))
+                done.setdefault(setting, {})[scheme] = {"row": data["schemes"][scheme], "config": data["config"]}
+    schemes = [s for s in SCHEMES if any(s in row for row in done.values())]
+    lines = ["| setting | seeds x rounds | | " + " | ".join(schemes) + f" | {DEFAULT} vs best baseline |",
+             "|---|---|---|" + "---|" * (len(schemes) + 1)]
+    for setting, cells in done.items():
+        config = next(iter(cells.values()))["config"]
+        shape = f"{len(config['seeds'])} x {config['training']['rounds']}"
+        for label, pick in (("kept", _kept), ("last", _last)):
+            texts = [_cell(pick(cells[s]["row"])) if s in cells else "-" for s in schemes]
+            lines.append(f"| {setting} | {shape} | {label} | " + " | ".join(texts) + f" | {_versus(cells, pick)} |")
+    lines.append("")
+    lines.append("Test perplexity, mean ± std over peers and seeds (lower is better). kept: the adapter of each "
+                 "peer's best-validation round (training.select_best); last: its last round. The last column: "
+                 f"{DEFAULT} against the best of {', '.join(BASELINES)} in that row (negative: {DEFAULT} is better).")
+    return "\n".join(lines) + "\n"
+
+
+def _kept(row: dict) -> tuple[float, float]:
+    chosen = row.get("selected") or row
+    return chosen["test_ppl_mean"], chosen["test_ppl_std"]
+
+
+def _last(row: dict) -> tuple[float, float]:
+    return row["test_ppl_mean"], row["test_ppl_std"]
+
+
+def _cell(value: tuple[float, float]) -> str:
+    return f"{value[0]:.3f} ± {value[1]:.3f}"
+
+
+def _versus(cells: dict, pick) -> str:
+    baselines = {s: pick(cells[s]["row"])[0] for s in BASELINES if s in cells}
+    if DEFAULT not in cells or not baselines:
+        return "-"
+    best = min(baselines, key=baselines.get)
+    return f"{100 * (pick(cells[DEFAULT]['row'])[0] / baselines[best] - 1):+.2f}% ({best})"
+
+
+if __name__ == "__main__":
+    main()
