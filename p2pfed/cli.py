@@ -232,6 +232,10 @@ def _peer(args) -> int:
               f"(raise training.rounds to train on, or move {config.state_dir} away to start afresh)", flush=True)
         return 0
     quiet_transformers()
+    import torch
+
+    # The process is the peer's own, often beside other peers on the machine: one thread unless `threads` says.
+    torch.set_num_threads(config.threads or 1)
     logging.getLogger("p2pfed").setLevel(logging.INFO)  # waiting, resumption, dropped updates, failed sends
     for handler in logging.getLogger().handlers:  # main's stderr handler: every line names its peer already
         if type(handler) is logging.StreamHandler:

@@ -141,7 +141,8 @@ def _run_libp2p(config: ExperimentConfig, jobs, folder: RunFolder | None, listen
 
 def _run_here(config: ExperimentConfig, inputs: JobInputs, jobs, listener: Listener, workspace: Workspace):
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the swarm runs single-threaded, as in worker processes: the same numbers
+    # As in worker processes (`threads`, default 1): the same numbers; 0 keeps the caller's setting.
+    torch.set_num_threads(config.threads or threads)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", TopologyWarning)  # shown once already, when the graphs were checked

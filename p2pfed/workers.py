@@ -118,12 +118,14 @@ def _worker_init(queue) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops the workers itself
     quiet_transformers()
     warnings.simplefilter("ignore", TopologyWarning)  # the parent showed them when it checked the graphs
-    torch.set_num_threads(1)  # two 1-thread workers beat one 2-thread process (docs/compute.md, "Threads or processes")
     _worker_state["queue"] = queue
+    _worker_state["torch_threads"] = torch.get_num_threads()  # torch's default here, for jobs with threads = 0
 
 
 def _worker_job(config: ExperimentConfig, inputs: JobInputs, scheme: str, seed: int) -> JobResult:
     queue, workspaces = _worker_state["queue"], _worker_state["workspaces"]
+    # Each job its experiment's count (default 1: two 1-thread workers beat one 2-thread process; docs/compute.md).
+    torch.set_num_threads(config.threads or _worker_state["torch_threads"])
     try:
         key = workspace_key(config)
         if key not in workspaces:

@@ -183,6 +183,35 @@ def test_the_model_is_lent_for_a_short_read_and_a_call_that_times_out_is_called_
     assert peer.latest_round == result.rounds[-1] and not peer.thread.is_alive()
 
 
+def torch_threads_of_a_new_thread() -> int:
+    """What the app's next thread gets: torch's per-process count (a thread's own setting is thread-local)."""
+    import threading
+
+    import torch
+
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    return seen[0]
+
+
+def test_an_embedded_peer_leaves_the_apps_torch_threads_alone_unless_asked(tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)  # the app's own choice
+        with p2pfed.start_peer(one_peer(tmp_path / "default")) as peer:
+            peer.wait(timeout=60)
+        assert torch_threads_of_a_new_thread() == 3
+        with p2pfed.start_peer(one_peer(tmp_path / "asked", "threads=2")) as peer:
+            peer.wait(timeout=60)
+        assert torch_threads_of_a_new_thread() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_peer_that_cannot_start_raises_from_enter_in_sync_and_asyncio_code(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -41,6 +41,9 @@ class ExperimentConfig(Sections):
     # "libp2p": each peer its own `p2pfed peer` process, talking libp2p over loopback.
     runtime: Literal["inprocess", "libp2p"] = "inprocess"
     workers: int = 1  # processes running (scheme, seed) jobs side by side
+    # Torch threads of each process while it runs jobs (a worker, or the caller for jobs run in it); 0: torch's
+    # default. 1 by default: two one-thread workers beat one two-thread process, and sums depend on the count.
+    threads: int = 1
     # Processes sharing one in-process job's peers (p2pfed.swarm_workers); same records as 1. Runs x workers.
     job_workers: int = 1
     output_dir: str = "runs"
@@ -58,6 +61,7 @@ class ExperimentConfig(Sections):
         check(len(set(self.schemes)) == len(self.schemes), "schemes", "lists a scheme twice")
         check_finite(self)  # NaN or inf in any number crashes later, or silently poisons the weights
         check(self.workers >= 1, "workers", "must be at least 1")
+        check(self.threads >= 0, "threads", "must not be negative (0: torch's default)")
         check(self.job_workers >= 1, "job_workers", "must be at least 1")
         self.model.validate()
         self.lora.validate()

@@ -37,7 +37,9 @@ class PeerConfig(Sections):
     startup_timeout_s: float = 30.0
     state_dir: str = ""  # checkpoints and results; empty: none (nothing survives a restart)
     checkpoint_every: int = 1
-    threads: int = 1  # torch threads; 0 leaves torch's default
+    # Torch threads for the whole process. 0: an embedded peer leaves the app's setting alone; `p2pfed peer`,
+    # a process of its own, then takes 1 thread (peer processes share a machine).
+    threads: int = 0
     attack: AttackConfig | None = None  # this peer attacks its neighbours (robustness studies only)
     # A resampled topology (params.resample_every): the peer computes its neighbours of each round from it
     # and the seed, among those `neighbours` lists. None: the listed neighbours, every round.
