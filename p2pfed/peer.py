@@ -274,8 +274,8 @@ class Peer:
                 if self._swarm is not None:
                     self._swarm.write_members(config.state_dir)
         except Exception as error:  # the app learns of it from finished(); the block itself stays up
-            if isinstance(error, ConfigError):  # one line, as the CLI prints it
-                log.error("%s: %s", config.name, error)
+            if isinstance(error, ConfigError):  # one line, which finished() raises (the CLI prints it)
+                log.debug("%s: %s", config.name, error)
             else:
                 log.exception("%s: the peer stopped with an error", config.name)
             self._error = error

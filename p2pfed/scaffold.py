@@ -11,6 +11,7 @@ be copied to other machines whole.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import socket
 from collections.abc import Sequence
@@ -33,6 +34,9 @@ def add_init_command(subparsers) -> None:
     init.add_argument("--listen-host", dest="listen_hosts", action="append", metavar="HOST",
                       help=f"the IP address peers listen on and are dialled at (default {DEFAULT_HOST}); "
                            "repeat it to spread the peers over machines (peer K gets the K-th, round-robin)")
+    init.add_argument("--swarm", metavar="NAME",
+                      help="membership mode: peers join swarm NAME through peer0's address (the bootstrap) and "
+                           "derive their neighbours from the members and the topology, instead of listing them")
     init.add_argument("--scheme", help="the peers' scheme (default: the experiment's one scheme, else validation)")
     init.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                       help="override an experiment key, e.g. --set training.rounds=5")
@@ -41,18 +45,20 @@ def add_init_command(subparsers) -> None:
 
 def run_init(args: argparse.Namespace) -> int:
     paths = init_swarm(args.num_peers, Path(args.out), args.experiment, args.overrides,
-                       args.listen_hosts or [DEFAULT_HOST], args.scheme)
+                       args.listen_hosts or [DEFAULT_HOST], args.scheme, args.swarm)
     for path in paths:
         peer = load_peer(path)
-        print(f"{path}: {peer.name} listens on {peer.listen[0]}, neighbours "
-              f"{', '.join(n.name for n in peer.neighbours) or '(none)'}")
+        print(f"{path}: {peer.name} listens on {peer.listen[0]}, " + (
+            f"joins swarm {peer.swarm} through {peer.bootstrap[0]}" if peer.swarm else
+            f"neighbours {', '.join(n.name for n in peer.neighbours) or '(none)'}"))
     print(f"start each peer with: p2pfed peer {Path(args.out) / 'peerK.toml'} (on the machine of its address)")
     return 0
 
 
 def init_swarm(num_peers: int, out: Path, experiment: str | None = None, overrides: Sequence[str] = (),
-               hosts: Sequence[str] = (DEFAULT_HOST,), scheme: str | None = None) -> list[Path]:
-    """Write the key files and peer files of a swarm of `num_peers` into `out`; the peer files' paths."""
+               hosts: Sequence[str] = (DEFAULT_HOST,), scheme: str | None = None, swarm: str | None = None) -> list[Path]:
+    """Write the key files and peer files of a swarm of `num_peers` into `out`; the peer files' paths. With
+    `swarm`, the files name the swarm and peer0's address as the bootstrap instead of listing neighbours."""
     from p2pfed.launch import swarm_configs, write_peer_toml
     from p2pfed.net.identity import identity_from_file, peer_id_of
 
@@ -70,6 +76,11 @@ def init_swarm(num_peers: int, out: Path, experiment: str | None = None, overrid
     peer_ids = [peer_id_of(identity_from_file(out / f"{peer_name(i)}.key")) for i in range(num_peers)]
     configs = swarm_configs(config, _graph(config, seed), scheme, seed, peer_ids, addrs,
                             lambda i: {"key_file": f"{peer_name(i)}.key", "state_dir": peer_name(i)})
+    if swarm:
+        # Every member derives its neighbours from the members and the topology (static ones too).
+        bootstrap = (f"{addrs[0]}/p2p/{peer_ids[0]}",)
+        configs = [dataclasses.replace(c, neighbours=(), topology=config.topology, swarm=swarm, bootstrap=bootstrap)
+                   for c in configs]
     for peer, path in zip(configs, paths):
         write_peer_toml(peer, path)
         path.write_text(f"# {peer.name} of a swarm of {num_peers} (p2pfed init); start it with `p2pfed peer "

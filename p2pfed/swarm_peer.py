@@ -70,11 +70,11 @@ class SwarmMember:
         from p2pfed.config import ConfigError
         from p2pfed.net.membership import JoinError
 
+        nursery.start_soon(self.membership.run)  # refreshing our record already while we wait for the others
         try:
             await self.membership.join()
         except JoinError as error:
             raise ConfigError(str(error)) from None
-        nursery.start_soon(self.membership.run)
 
     async def leave(self) -> None:
         """Stopped before the last round (Ctrl-C, SIGTERM): tell the members it leaves from the next round, so

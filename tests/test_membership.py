@@ -195,3 +195,104 @@ def test_the_schedule_follows_joins_and_leaves_and_keeps_a_rounds_neighbours():
 def test_a_topology_that_cannot_be_built_for_this_many_members_falls_back_to_a_ring():
     graph = derived_graph([record(i) for i in range(5)], TopologyConfig("random_regular", {"d": 3}), 0, 1)
     assert sorted(d for _, d in graph.degree()) == [2] * 5
+
+
+# -- over loopback libp2p: members find each other from one bootstrap address ------------------
+
+def settings(i: int, bootstrap: tuple[str, ...], expected: int = 4, **kw):
+    from p2pfed.net.membership import MemberSettings
+
+    values = dict(swarm="lab", name=f"peer{i}", num_peers=6, bootstrap=bootstrap, member_timeout_s=10.0,
+                  startup_timeout_s=20.0, expected=expected)
+    return MemberSettings(**{**values, **kw})
+
+
+async def open_members(stack, count: int, founder_bootstrap: bool = True, **kw):
+    """`count` endpoints with a Membership each (opened, not joined); member 0's address is the bootstrap."""
+    from p2pfed.net.libp2p_endpoint import open_libp2p_endpoint
+    from p2pfed.net.membership import Membership
+
+    endpoints = [await stack.enter_async_context(open_libp2p_endpoint(KEYS[i], "/ip4/127.0.0.1/tcp/0"))
+                 for i in range(count)]
+    bootstrap = (f"{endpoints[0].listen_addrs[0]}/p2p/{IDS[0]}",)
+    members = [Membership(settings(i, bootstrap if i or founder_bootstrap else (), **kw), KEYS[i], endpoints[i],
+                          lambda: 0) for i in range(count)]
+    for m in members:
+        m.open()
+    return members
+
+
+def test_four_members_learn_each_other_from_one_bootstrap_and_derive_one_graph():
+    import contextlib
+
+    async def main():
+        async with contextlib.AsyncExitStack() as stack:
+            members = await open_members(stack, 4)
+            with trio.fail_after(30):
+                async with trio.open_nursery() as nursery:
+                    for m in members[::-1]:  # the bootstrap joins last: the others wait for it
+                        nursery.start_soon(m.join)
+                        await trio.sleep(0.3)
+            topology = TopologyConfig("random_regular", {"d": 2, "resample_every": 1})
+            graphs = [derived_graph(m.view.members(2), topology, 0, 2) for m in members]
+            assert all(len(m.view.members()) == 4 for m in members)
+            assert all(nx.utils.graphs_equal(graphs[0], g) for g in graphs)
+            for m in members:
+                others = {r.peer_id for r in m.view.others()}
+                assert set(m.endpoint.neighbours) == others and set(m.ids.values()) == others
+                assert m.ids == {f"peer{i}": IDS[i] for i in range(4) if IDS[i] != m.own_id}
+    trio.run(main)
+
+
+def test_a_stranger_cannot_join_as_another_members_name_or_id():
+    import contextlib
+
+    from p2pfed.net.libp2p_endpoint import open_libp2p_endpoint
+    from p2pfed.net.membership import Membership
+
+    async def main():
+        async with contextlib.AsyncExitStack() as stack:
+            members = await open_members(stack, 2, expected=2)
+            async with trio.open_nursery() as nursery:
+                for m in members:
+                    nursery.start_soon(m.join)
+            bootstrap = members[1].settings.bootstrap
+            endpoint = await stack.enter_async_context(open_libp2p_endpoint(KEYS[5], "/ip4/127.0.0.1/tcp/0"))
+            thief = Membership(settings(5, bootstrap, name="peer1", startup_timeout_s=3.0), KEYS[5], endpoint,
+                               lambda: 0)
+            thief.open()
+            await thief.join()  # it learns the members, but nobody takes its record
+            for m in members:
+                assert IDS[5] not in m.view.records and m.view.holder("peer1") == IDS[1]
+            # Its own record claiming peer1's ID cannot be signed by it; a replay of peer1's real record changes
+            # nothing, and one with a bumped seq no longer verifies.
+            real = members[0].view.records[IDS[1]]
+            body = msgpack.unpackb(real.record.body())
+            body[3], body[6] = ["/ip4/127.0.0.1/tcp/1"], body[6] + 1
+            forged = [msgpack.packb(body, use_bin_type=True), real.public_key, real.signature]
+            payload = encode_message("lab", "sync", 0, [thief.view.records[IDS[5]]])
+            thief._outgoing = lambda kind: [thief.view.records[IDS[5]]]
+            await thief.exchange(IDS[0], members[0].own.addrs, "sync")
+            assert members[0].view.records[IDS[1]].record == real.record
+            members[0]._take(IDS[5], [forged])
+            assert members[0].view.records[IDS[1]].record == real.record
+            assert payload  # the thief's honest message is well-formed: only its claim is refused
+    trio.run(main)
+
+
+def test_a_wrong_bootstrap_peer_id_or_no_bootstrap_fails_the_join_with_the_reason():
+    import contextlib
+
+    from p2pfed.net.membership import JoinError
+
+    async def main():
+        async with contextlib.AsyncExitStack() as stack:
+            members = await open_members(stack, 2, expected=2, startup_timeout_s=2.0)
+            wrong = f"{members[0].endpoint.listen_addrs[0]}/p2p/{IDS[3]}"
+            members[1].settings = settings(1, (wrong,), startup_timeout_s=2.0)
+            with pytest.raises(JoinError, match="another ID"):
+                await members[1].join()
+            members[1].settings = settings(1, ("/ip4/127.0.0.1/tcp/9/p2p/" + IDS[0],), startup_timeout_s=2.0)
+            with pytest.raises(JoinError, match="refused"):
+                await members[1].join()
+    trio.run(main)

@@ -62,6 +62,11 @@ class MemberView:
         self.dropped.pop(record.peer_id, None)
         return record
 
+    def touch(self, peer_id: str, now: float) -> None:
+        """A member answered us directly: it is alive, whatever its record's age."""
+        if peer_id in self.fresh_at:
+            self.fresh_at[peer_id] = now
+
     def holder(self, name: str) -> str | None:
         return next((pid for pid, s in self.records.items() if s.record.name == name), None)
 

@@ -184,6 +184,10 @@ class Membership:
                    if pid not in self.rounds_heard]
         pending += [f"{r.name} ({self.errors.get(r.peer_id, 'dialling')})" for r in others
                     if r.peer_id not in self.synced]
+        missing = settings.expected - len(others) - 1
+        if missing > 0 and self.own.join_round <= 1 and not any(pid not in self.rounds_heard
+                                                                 for pid, _ in self.bootstraps()):
+            pending.append(f"{missing} more member(s) to start (not started yet, or their bootstrap is another)")
         return (f"{settings.name}: joining swarm {settings.swarm}: {len(others) + 1} of {settings.expected} "
                 f"member(s) known, {waited:.0f} s so far; waiting for " + ("; ".join(pending) or "more members")
                 + f"; round 1 starts without them in {max(0.0, settings.startup_timeout_s - waited):.0f} s")
@@ -278,6 +282,7 @@ class Membership:
         if peer_id not in self.view.records:
             raise MembershipError(f"{peer_id} answered without a record of its own")
         self.errors.pop(peer_id, None)
+        self.view.touch(peer_id, trio.current_time())
         if kind == "sync":
             self.synced.add(peer_id)
 
@@ -304,6 +309,7 @@ class Membership:
                 if message.kind == "sync":
                     self.rounds_heard[remote] = message.round
                     self._take(remote, message.records)
+                    self.view.touch(remote, trio.current_time())
                 answer = encode_message(self.settings.swarm, "sync", self.current_round(), self.view.signed())
                 await _write_message(stream, answer)
                 await stream.close()  # the dialler reads the answer, then closes its side
