@@ -14,7 +14,7 @@ from p2pfed.errors import first_error
 from p2pfed.data import PeerData
 from p2pfed.job import GraphSource, JobResult, Workspace, attacked, initial_adapter, job_setup, peer_specs
 from p2pfed.loop import PeerHooks, PeerLoop
-from p2pfed.memory import run_trimmed
+from p2pfed.memory import HeapTrimmer
 from p2pfed.net import wire
 from p2pfed.net.memory import InMemoryNetwork
 from p2pfed.records import PeerResult, RoundRecord
@@ -40,12 +40,12 @@ def run_job(config: ExperimentConfig, workspace: Workspace, scheme: str, seed: i
         return JobResult.of(config, scheme, seed, graph, data, results)
     host = workspace.host_for(specs[0].scheme)
     network = InMemoryNetwork(config.network, derive_seed(seed, "net"))
-    peers = []
+    peers, trimmer = [], HeapTrimmer()
     for spec, d in zip(specs, data):
         initial = initial_adapter(host, spec)
         endpoint = attacked(network.endpoint(spec.name), attack_of(config.attack, spec.name), spec, initial)
-        # Each peer's model work, then the heap pages it freed go back: else glibc keeps them per peer (p2pfed.memory).
-        hooks = PeerHooks(on_round=on_round, on_update=on_update, compute=run_trimmed)
+        # Now and then, after a peer's model work, freed heap pages go back: else glibc keeps them (p2pfed.memory).
+        hooks = PeerHooks(on_round=on_round, on_update=on_update, compute=trimmer)
         peers.append(PeerLoop(spec, host, d, endpoint, initial, hooks))
     results: dict[str, PeerResult] = {}
 
