@@ -149,7 +149,7 @@ def attacked(endpoint: Endpoint, attack: AttackConfig | None, spec: PeerSpec,
     """`endpoint`, or an AttackEndpoint around it when this peer attacks its neighbours."""
     if attack is None:
         return endpoint
-    shared = {n: t for n, t in initial.items() if is_shared(n)}
+    shared = {n: t.cpu() for n, t in initial.items() if is_shared(n)}  # attacks rewrite payloads decoded on the CPU
     return AttackEndpoint(endpoint, attack, shared, spec.seed)
 
 
