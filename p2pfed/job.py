@@ -7,8 +7,10 @@ in-process swarm, the networked peer and the process launcher all build their pe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,7 +60,32 @@ class Workspace:
         return self._hosts[expert_layers]
 
 
+# A workspace loaded before this process was forked from a fork server (p2pfed.forkserver): its pages are
+# shared with the server's other children until written. A context variable, so it reaches only the code
+# run inside `preloaded(...)` (trio passes it on to its tasks and worker threads).
+_preloaded: ContextVar[Workspace | None] = ContextVar("p2pfed_preloaded_workspace", default=None)
+
+
+@contextlib.contextmanager
+def preloaded(workspace: Workspace) -> Iterator[None]:
+    """Inside this block, open_workspace returns `workspace` for every config it serves (same_workspace)."""
+    token = _preloaded.set(workspace)
+    try:
+        yield
+    finally:
+        _preloaded.reset(token)
+
+
+def same_workspace(a: ExperimentConfig, b: ExperimentConfig) -> bool:
+    """Whether one workspace serves both: the same model, data, LoRA and expert settings."""
+    return (a.model, a.data.source, tuple(a.data.groups), a.lora, a.experts) == \
+        (b.model, b.data.source, tuple(b.data.groups), b.lora, b.experts)
+
+
 def open_workspace(config: ExperimentConfig, log=print) -> Workspace:
+    ready = _preloaded.get()
+    if ready is not None and same_workspace(ready.config, config):
+        return ready
     base = load_base_model(config.model, log=log)
     texts = load_group_texts(config.data.source, config.data.groups)
     return Workspace(config=config, base=base, tokens=tokenize_groups(texts, base.tokenizer.encode))

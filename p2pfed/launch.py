@@ -2,18 +2,24 @@
 
 The launcher writes one PEER.toml per peer (identity, port, neighbours' peer IDs and addresses, the
 experiment's sections), starts the processes, waits, and reads back each peer's result.json into the same
-JobResult the in-process runtime returns, so results.json and the plots are the same.
+JobResult the in-process runtime returns, so results.json and the plots are the same. The processes are forked
+from one fork server (p2pfed.forkserver) that loads torch, libp2p and the frozen base once for all of them;
+each still runs exactly `p2pfed peer PEER.toml`. Without os.fork, each is a `python -m p2pfed peer` of its own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
+import select
+import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import tomli_w
@@ -103,31 +109,20 @@ def run_job_libp2p(config: ExperimentConfig, workspace: Workspace, scheme: str, 
     job_dir = run_dir / "libp2p" / f"{scheme.replace(':', '_')}-seed{seed}"
     job_dir.mkdir(parents=True, exist_ok=True)
     configs = peer_configs(config, graph, scheme, seed, job_dir, free_ports(config.num_peers))
-    processes = []
+    files = []
     for peer in configs:
         path = job_dir / f"{peer.name}.toml"
         write_peer_toml(peer, path)
-        log_file = open(job_dir / f"{peer.name}.log", "w", encoding="utf-8")
-        command = [sys.executable, "-m", "p2pfed", "peer", str(path), "--quiet"]
-        processes.append((peer, subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT), log_file))
-    # Generous: every round may wait out its deadline, and each process imports torch and libp2p first.
+        files.append((peer.name, path, job_dir / f"{peer.name}.log"))
+    # Generous: every round may wait out its deadline, and the processes import torch and libp2p first.
     limit = 120 + config.training.rounds * (config.network.round_timeout_s + 30)
-    started = time.monotonic()
-    try:
-        for peer, process, _ in processes:
-            remaining = max(1.0, limit - (time.monotonic() - started))
-            code = process.wait(timeout=remaining)
+    with (ForkedPeers if hasattr(os, "fork") else SeparatePeers)(files) as running:
+        for name, code in running.exits(limit):
             if code != 0:
-                tail = (job_dir / f"{peer.name}.log").read_text(encoding="utf-8")[-2000:]
-                raise RuntimeError(f"peer process {peer.name} of {scheme} seed {seed} exited with {code}:\n{tail}")
+                tail = (job_dir / f"{name}.log").read_text(encoding="utf-8")[-2000:]
+                raise RuntimeError(f"peer process {name} of {scheme} seed {seed} exited with {code}:\n{tail}")
             if on_peer_done is not None:
-                on_peer_done(peer.name)
-    finally:
-        for _, process, log_file in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-            log_file.close()
+                on_peer_done(name)
     peers = {}
     for peer in configs:
         result = json.loads((Path(peer.state_dir) / RESULT_FILE).read_text(encoding="utf-8"))
@@ -135,4 +130,89 @@ def run_job_libp2p(config: ExperimentConfig, workspace: Workspace, scheme: str, 
     return JobResult.of(config, scheme, seed, graph, data, peers)
 
 
-__all__ = ["free_ports", "peer_configs", "swarm_configs", "write_peer_toml", "run_job_libp2p"]
+PeerFiles = list[tuple[str, Path, Path]]  # (name, PEER.toml, its log) per peer
+
+
+class ForkedPeers:
+    """A job's peers as the children of one fork server (p2pfed.forkserver): torch, transformers, peft, libp2p
+    and the frozen base loaded once and shared. Use with `with`: leaving kills whatever still runs."""
+
+    def __init__(self, files: PeerFiles):
+        self.files = files
+        self.pids: dict[str, int] = {}  # each child's, as the server reports it
+        self.server: subprocess.Popen | None = None
+        self._exited: set[str] = set()
+
+    def __enter__(self) -> "ForkedPeers":
+        args = [str(part) for _, path, log in self.files for part in (path, log)]
+        log = self.files[0][1].parent / "forkserver.log"
+        with open(log, "w", encoding="utf-8") as errors:  # the child keeps its own copy of the descriptor
+            self.server = subprocess.Popen([sys.executable, "-m", "p2pfed.forkserver", *args],
+                                           stdout=subprocess.PIPE, stderr=errors, text=True)
+        return self
+
+    def exits(self, limit: float) -> Iterator[tuple[str, int]]:
+        """(name, exit status) of each peer as it ends; TimeoutExpired after `limit` seconds."""
+        deadline = time.monotonic() + limit
+        while len(self._exited) < len(self.files):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([self.server.stdout], [], [], remaining)[0]:
+                raise subprocess.TimeoutExpired(self.server.args, limit)
+            line = self.server.stdout.readline()
+            if not line:
+                self.server.wait()
+                raise RuntimeError(f"the peers' fork server exited with {self.server.returncode} before every "
+                                   f"peer ended; see {self.files[0][1].parent / 'forkserver.log'}")
+            event, name, number = line.split()
+            if event == "started":
+                self.pids[name] = int(number)
+            elif event == "exited":
+                self._exited.add(name)
+                yield name, int(number)
+
+    def __exit__(self, *exc_info) -> None:
+        for name, pid in self.pids.items():
+            if name not in self._exited:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        if self.server.poll() is None:
+            self.server.kill()
+        self.server.wait()
+        self.server.stdout.close()
+
+
+class SeparatePeers:
+    """A job's peers as one `python -m p2pfed peer` process each (where there is no fork; and to compare)."""
+
+    def __init__(self, files: PeerFiles):
+        self.files = files
+        self.processes: dict[str, subprocess.Popen] = {}
+        self._logs = []
+
+    @property
+    def pids(self) -> dict[str, int]:
+        return {name: process.pid for name, process in self.processes.items()}
+
+    def __enter__(self) -> "SeparatePeers":
+        for name, path, log in self.files:
+            self._logs.append(open(log, "w", encoding="utf-8"))
+            command = [sys.executable, "-m", "p2pfed", "peer", str(path), "--quiet"]
+            self.processes[name] = subprocess.Popen(command, stdout=self._logs[-1], stderr=subprocess.STDOUT)
+        return self
+
+    def exits(self, limit: float) -> Iterator[tuple[str, int]]:
+        started = time.monotonic()
+        for name, process in self.processes.items():
+            yield name, process.wait(timeout=max(1.0, limit - (time.monotonic() - started)))
+
+    def __exit__(self, *exc_info) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        for log in self._logs:
+            log.close()
+
+
+__all__ = ["ForkedPeers", "SeparatePeers", "free_ports", "peer_configs", "swarm_configs", "write_peer_toml",
+           "run_job_libp2p"]
