@@ -315,9 +315,12 @@ class Peer:
         silent = peerlog.silent_neighbours(self._result.rounds, self._named.arrived)
         if not silent:
             return None
-        status = [n for n in self.neighbour_status() if n.name in silent]
-        return peerlog.silent_summary(self.name, status, len(self.config.neighbours),
-                                      self._result.rounds[-1].round, self.config.state_dir)
+        listed = self.neighbour_status()
+        status = [n for n in listed if n.name in silent]
+        if self._swarm is not None and not status:
+            return None  # only members that left were never heard from: the swarm went on without them
+        return peerlog.silent_summary(self.name, status, len(listed), self._result.rounds[-1].round,
+                                      self.config.state_dir)
 
     def _warn_refused(self) -> None:
         heard = {n for r in self._result.rounds for n in r.trust}

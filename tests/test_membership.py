@@ -296,3 +296,125 @@ def test_a_wrong_bootstrap_peer_id_or_no_bootstrap_fails_the_join_with_the_reaso
             with pytest.raises(JoinError, match="refused"):
                 await members[1].join()
     trio.run(main)
+
+
+# -- whole swarms of `p2pfed peer` processes, from `p2pfed init --swarm` ------------------------
+
+SWARM_OVERRIDES = ['data.groups=["english", "italian"]', "data.train_blocks=16", "data.val_blocks=4",
+                   "data.test_blocks=8", "training.local_steps=2", "network.round_timeout_s=120",
+                   'topology={generator="random_regular", params={d=2, resample_every=1}}']
+
+
+def start_peers(out, names, *extra: str):
+    import subprocess
+    import sys
+
+    return {name: subprocess.Popen([sys.executable, "-m", "p2pfed", "peer", str(out / f"{name}.toml"), "--quiet",
+                                    "--set", "startup_timeout_s=240", "--set", "member_timeout_s=60", *extra],
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for name in names}
+
+
+def finish(processes, timeout: float = 600) -> dict[str, str]:
+    outputs = {}
+    for name, process in processes.items():
+        outputs[name] = process.communicate(timeout=timeout)[0]
+        assert process.returncode == 0, f"{name} exited {process.returncode}:\n{outputs[name][-3000:]}"
+    return outputs
+
+
+def swarm_results(out, names):
+    import json
+
+    from p2pfed.records import PeerResult
+
+    results = {n: PeerResult.from_json(json.loads((out / n / "result.json").read_text())) for n in names}
+    members = {n: json.loads((out / n / "members.json").read_text())["members"] for n in names}
+    return results, members
+
+
+def records(peers):
+    return {name: [(r.round, r.online, r.neighbours, r.steps, r.train_loss, r.test_ppl, r.trust) for r in peer.rounds]
+            for name, peer in peers.items()}
+
+
+@pytest.mark.slow
+def test_8_peers_from_init_swarm_follow_the_derived_topology_and_match_the_in_process_swarm(tmp_path, workspace):
+    from p2pfed.config import peer_index
+    from p2pfed.load import load_experiment
+    from p2pfed.scaffold import init_swarm
+    from p2pfed.swarm import run_job
+
+    overrides = [*SWARM_OVERRIDES, "training.rounds=3"]
+    names = [f"peer{k}" for k in range(8)]
+    init_swarm(8, tmp_path, None, overrides, swarm="lab")
+    outputs = finish(start_peers(tmp_path, names[1:] + names[:1]))  # the bootstrap last: the others wait for it
+    results, members = swarm_results(tmp_path, names)
+    assert all(len(m) == 8 and m == members["peer0"] for m in members.values())
+    config = load_experiment(None, [*overrides, "num_peers=8"])
+
+    def graph(r: int) -> nx.Graph:  # what every member derived, as the in-process swarm's nodes 0..7
+        derived = derived_graph([record(0, name=m["name"], peer_id=m["peer_id"]) for m in members["peer0"]],
+                                config.topology, 0, r)
+        return nx.relabel_nodes(derived, peer_index)
+
+    for name, result in results.items():
+        for r in result.rounds[1:]:
+            assert r.neighbours == tuple(f"peer{j}" for j in sorted(graph(r.round).neighbors(peer_index(name))))
+            assert r.missing == ()
+    assert len({results["peer0"].rounds[r].neighbours for r in (1, 2, 3)}) > 1, "the graph was not redrawn"
+    simulated = run_job(config, workspace, "validation", seed=0, graph=graph)
+    assert records(results) == records(simulated.peers)
+    assert "joined swarm lab with 8 member(s)" in outputs["peer3"]
+
+
+@pytest.mark.slow
+def test_a_newcomer_after_round_3_and_a_leaver_at_round_5_re_derive_the_graph_and_match_the_in_process_swarm(
+        tmp_path, workspace):
+    import json
+    import time
+
+    from p2pfed.checkpoint import load_checkpoint
+    from p2pfed.config import peer_index
+    from p2pfed.load import load_experiment
+    from p2pfed.net.identity import identity_from_file
+    from p2pfed.scaffold import init_swarm
+    from p2pfed.swarm import run_job
+
+    plan = 'network.membership=[{peer="peer8", join=4}, {peer="peer3", leave=5}]'
+    overrides = [*SWARM_OVERRIDES, "training.rounds=7", plan]
+    names = [f"peer{k}" for k in range(9)]
+    init_swarm(9, tmp_path, None, overrides, swarm="lab")
+    processes = start_peers(tmp_path, names[:8])
+    deadline = time.monotonic() + 600
+    while (load_checkpoint(tmp_path / "peer0") or type("none", (), {"round": 0})).round < 3:
+        assert time.monotonic() < deadline and processes["peer0"].poll() is None
+        time.sleep(0.2)
+    processes.update(start_peers(tmp_path, ["peer8"]))  # the swarm has finished round 3
+    outputs = finish(processes)
+    results, _ = swarm_results(tmp_path, names)
+    own = {m["name"]: m for m in json.loads((tmp_path / "peer8" / "members.json").read_text())["members"]}
+    join = own["peer8"]["join_round"]
+    assert join >= 5 and f"takes part from round {join}" in outputs["peer8"]
+    ids = {n: peer_id_of(identity_from_file(tmp_path / f"{n}.key")) for n in names}
+    rounds = {n: (join if n == "peer8" else 1, 5 if n == "peer3" else None) for n in names}
+    config = load_experiment(None, [*overrides, "num_peers=9", "network.membership=[{peer=\"peer8\", join=%d}, "
+                                    "{peer=\"peer3\", leave=5}]" % join])
+
+    def graph(r: int) -> nx.Graph:  # round r's members' derived graph, as nodes 0..8 (non-members alone)
+        members = [record(0, name=n, peer_id=ids[n], join=j, leave=l) for n, (j, l) in rounds.items()]
+        derived = derived_graph([m for m in members if m.takes_part(r)], config.topology, 0, r)
+        full = nx.relabel_nodes(derived, peer_index)
+        full.add_nodes_from(range(9))
+        return full
+
+    for name, result in results.items():
+        for r in result.rounds[1:]:
+            takes_part = rounds[name][0] <= r.round and (rounds[name][1] is None or r.round < rounds[name][1])
+            assert r.online == takes_part, (name, r.round)
+            expected = tuple(f"peer{j}" for j in sorted(graph(r.round).neighbors(peer_index(name))))
+            assert r.neighbours == (expected if takes_part else ()) and r.missing == ()
+    assert "peer8" in results["peer0"].rounds[join].neighbours or any(
+        "peer8" in results[n].rounds[join].neighbours for n in names)
+    assert all("peer3" not in results[n].rounds[r].neighbours for n in names for r in range(5, 8))
+    simulated = run_job(config, workspace, "validation", seed=0, graph=graph)
+    assert records(results) == records(simulated.peers)

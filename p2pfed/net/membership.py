@@ -19,6 +19,7 @@ for members (the endpoint's neighbours), which is what every member of the swarm
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import random
 import statistics
@@ -40,6 +41,20 @@ from p2pfed.net.member_records import (MAX_MESSAGE_BYTES, MemberRecord, Membersh
 from p2pfed.net.member_view import MemberView
 
 log = logging.getLogger(__name__)
+
+# libp2p logs a failed stream open to a member that is going away at error level, many lines long: within an
+# exchange (whose failure is kept as one short reason) those records go to debug level.
+_exchanging: contextvars.ContextVar[bool] = contextvars.ContextVar("p2pfed_membership_exchange", default=False)
+
+
+class _ExchangeRecordsToDebug(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.DEBUG and _exchanging.get():
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+logging.getLogger("libp2p.host.basic_host").addFilter(_ExchangeRecordsToDebug())
 
 MEMBERS_PROTOCOL = TProtocol("/p2pfed/members/1")
 LENGTH = struct.Struct(">I")
@@ -86,6 +101,7 @@ class Membership:
         self.synced: set[str] = set()  # members that hold our newest record (a direct exchange succeeded)
         self.errors: dict[str, str] = {}  # peer ID -> why the last exchange with it failed
         self.rounds_heard: dict[str, int] = {}  # peer ID -> the round it said it was in
+        self.leaving: set[str] = set()  # members whose leave round was logged
         self._seq = 0
         self._serving = trio.Semaphore(MAX_SERVING)
         self._strangers = (float(STRANGER_BURST), 0.0)  # tokens, when last counted
@@ -188,9 +204,11 @@ class Membership:
         if missing > 0 and self.own.join_round <= 1 and not any(pid not in self.rounds_heard
                                                                  for pid, _ in self.bootstraps()):
             pending.append(f"{missing} more member(s) to start (not started yet, or their bootstrap is another)")
+        left = max(0.0, settings.startup_timeout_s - waited)
+        reached = others or not self.bootstraps()
         return (f"{settings.name}: joining swarm {settings.swarm}: {len(others) + 1} of {settings.expected} "
                 f"member(s) known, {waited:.0f} s so far; waiting for " + ("; ".join(pending) or "more members")
-                + f"; round 1 starts without them in {max(0.0, settings.startup_timeout_s - waited):.0f} s")
+                + (f"; round 1 starts without them in {left:.0f} s" if reached else f"; gives up in {left:.0f} s"))
 
     # -- staying current -----------------------------------------------------------------
 
@@ -261,20 +279,16 @@ class Membership:
         """Send our records to `peer_id` ("sync": it keeps them; "join": it only answers) and take its answer."""
         pid, host = parse_peer_id(peer_id), self.endpoint.host
         payload = encode_message(self.settings.swarm, kind, self.current_round(), self._outgoing(kind))
-        with trio.fail_after(EXCHANGE_TIMEOUT_S):
-            if not host.get_network().get_connections(pid):
-                host.get_peerstore().clear_addrs(pid)  # libp2p dials one address per transport: only these
-                host.get_network().unblock_peer(pid)
-                with quiet_dials():
+        token = _exchanging.set(True)
+        try:
+            with trio.fail_after(EXCHANGE_TIMEOUT_S), quiet_dials():
+                if not host.get_network().get_connections(pid):
+                    host.get_peerstore().clear_addrs(pid)  # libp2p dials one address per transport: only these
+                    host.get_network().unblock_peer(pid)
                     await host.connect(PeerInfo(pid, dial_addrs(peer_id, addrs)))
-            stream = await host.new_stream(pid, [MEMBERS_PROTOCOL])
-            try:
-                await _write_message(stream, payload)
-                answer = decode_message(await _read_message(stream))
-            except BaseException:
-                await reset_stream(stream)
-                raise
-            await stream.close()
+                answer = await self._ask(host, pid, payload)
+        finally:
+            _exchanging.reset(token)
         if answer.swarm != self.settings.swarm:
             raise MembershipError(f"{peer_id} is a member of swarm {answer.swarm!r}")
         self.rounds_heard[peer_id] = answer.round
@@ -285,6 +299,18 @@ class Membership:
         self.view.touch(peer_id, trio.current_time())
         if kind == "sync":
             self.synced.add(peer_id)
+
+    @staticmethod
+    async def _ask(host, pid, payload: bytes):
+        stream = await host.new_stream(pid, [MEMBERS_PROTOCOL])
+        try:
+            await _write_message(stream, payload)
+            answer = decode_message(await _read_message(stream))
+        except BaseException:
+            await reset_stream(stream)
+            raise
+        await stream.close()
+        return answer
 
     def _outgoing(self, kind: str) -> list:
         return [self.view.records[self.own_id]] if kind == "join" else self.view.signed()
@@ -331,6 +357,10 @@ class Membership:
                     log.warning("%s: refused a membership record from %s: %s", self.settings.name, sender, error)
                 continue
             changed = changed or record is not None
+            if record is not None and record.leave_round is not None and record.peer_id not in self.leaving:
+                self.leaving.add(record.peer_id)
+                log.info("%s: %s (%s) leaves the swarm from round %d", self.settings.name, record.name,
+                         record.peer_id, record.leave_round)
             if record is not None and record.peer_id != sender:
                 self.synced.discard(record.peer_id)  # a member we never talked to: tell it about us
         if changed:
