@@ -381,20 +381,21 @@ def test_a_newcomer_after_round_3_and_a_leaver_at_round_5_re_derive_the_graph_an
     from p2pfed.swarm import run_job
 
     plan = 'network.membership=[{peer="peer8", join=4}, {peer="peer3", leave=5}]'
-    overrides = [*SWARM_OVERRIDES, "training.rounds=7", plan]
+    overrides = [*SWARM_OVERRIDES, "training.rounds=10", "training.local_steps=8", plan]
     names = [f"peer{k}" for k in range(9)]
     init_swarm(9, tmp_path, None, overrides, swarm="lab")
     processes = start_peers(tmp_path, names[:8])
     deadline = time.monotonic() + 600
-    while (load_checkpoint(tmp_path / "peer0") or type("none", (), {"round": 0})).round < 3:
+    while (load_checkpoint(tmp_path / "peer0") or type("none", (), {"round": 0})).round < 1:
         assert time.monotonic() < deadline and processes["peer0"].poll() is None
         time.sleep(0.2)
-    processes.update(start_peers(tmp_path, ["peer8"]))  # the swarm has finished round 3
+    # Started while the swarm runs (it takes a while to start): it joins two rounds after the swarm's, >= 4.
+    processes.update(start_peers(tmp_path, ["peer8"]))
     outputs = finish(processes)
     results, _ = swarm_results(tmp_path, names)
     own = {m["name"]: m for m in json.loads((tmp_path / "peer8" / "members.json").read_text())["members"]}
     join = own["peer8"]["join_round"]
-    assert join >= 5 and f"takes part from round {join}" in outputs["peer8"]
+    assert 4 <= join <= 9 and f"takes part from round {join}" in outputs["peer8"]
     ids = {n: peer_id_of(identity_from_file(tmp_path / f"{n}.key")) for n in names}
     rounds = {n: (join if n == "peer8" else 1, 5 if n == "peer3" else None) for n in names}
     config = load_experiment(None, [*overrides, "num_peers=9", "network.membership=[{peer=\"peer8\", join=%d}, "
@@ -415,6 +416,52 @@ def test_a_newcomer_after_round_3_and_a_leaver_at_round_5_re_derive_the_graph_an
             assert r.neighbours == (expected if takes_part else ()) and r.missing == ()
     assert "peer8" in results["peer0"].rounds[join].neighbours or any(
         "peer8" in results[n].rounds[join].neighbours for n in names)
-    assert all("peer3" not in results[n].rounds[r].neighbours for n in names for r in range(5, 8))
+    assert all("peer3" not in results[n].rounds[r].neighbours for n in names for r in range(5, 11))
     simulated = run_job(config, workspace, "validation", seed=0, graph=graph)
     assert records(results) == records(simulated.peers)
+
+
+def test_strangers_get_through_noise_only_within_the_budget_and_get_no_answer_without_a_record():
+    import contextlib
+
+    from p2pfed.net.membership import STRANGER_BURST
+    from p2pfed.net.stranger import dial_strangers
+    from p2pfed.net.identity import parse_peer_id
+
+    async def main():
+        async with contextlib.AsyncExitStack() as stack:
+            (member,) = await open_members(stack, 1, expected=1)
+            with trio.fail_after(60):
+                outcomes = await dial_strangers(member.endpoint.listen_addrs[0], parse_peer_id(IDS[0]), 40, wave=40)
+            assert outcomes.get("connected", 0) <= STRANGER_BURST + 2  # one more a second at most
+            assert outcomes.get("hung up after Noise", 0) >= 40 - STRANGER_BURST - 2
+            assert member.view.others() == []
+    trio.run(main)
+
+
+def test_a_dialler_without_a_record_of_its_own_or_with_an_oversized_message_gets_no_answer():
+    import contextlib
+
+    from p2pfed.net.membership import LENGTH, MEMBERS_PROTOCOL
+    from p2pfed.net.identity import parse_peer_id
+
+    async def main():
+        async with contextlib.AsyncExitStack() as stack:
+            members = await open_members(stack, 3, expected=2)
+            async with trio.open_nursery() as nursery:
+                for m in members[:2]:
+                    nursery.start_soon(m.join)
+            asker = members[2]
+            asker._outgoing = lambda kind: [members[0].view.records[IDS[1]]]  # peer1's record, not its own
+            with pytest.raises(Exception):
+                await asker.exchange(IDS[0], members[0].own.addrs, "sync")
+            assert IDS[2] not in members[0].view.records and IDS[1] not in asker.view.records
+            host = asker.endpoint.host
+            stream = await host.new_stream(parse_peer_id(IDS[0]), [MEMBERS_PROTOCOL])
+            await stream.write(LENGTH.pack(MAX_MESSAGE_BYTES + 1))
+            with trio.fail_after(10):
+                with pytest.raises(Exception):
+                    while True:  # reset by the member, without reading a body
+                        if not await stream.read(100):
+                            raise EOFError
+    trio.run(main)
