@@ -333,9 +333,10 @@ class Membership:
                     raise MembershipError("its message holds no record of its own")
                 verify(own[0])
                 if message.kind == "sync":
-                    self.rounds_heard[remote] = message.round
                     self._take(remote, message.records)
-                    self.view.touch(remote, trio.current_time())
+                    if remote in self.view.records:  # members only: strangers leave nothing behind
+                        self.rounds_heard[remote] = message.round
+                        self.view.touch(remote, trio.current_time())
                 answer = encode_message(self.settings.swarm, "sync", self.current_round(), self.view.signed())
                 await _write_message(stream, answer)
                 await stream.close()  # the dialler reads the answer, then closes its side
