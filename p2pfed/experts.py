@@ -33,6 +33,7 @@ from p2pfed.config import ConfigError, lora_scale
 __all__ = [
     "TensorKind", "TENSOR_KINDS", "EXPERT_TENSORS", "MLP_TARGETS", "kind_of", "is_shared", "is_router",
     "ExpertLayerConfig", "Routing", "MixtureOfLoraExperts", "mean_load_balancing_loss", "attach_experts",
+    "generalists_only",
     "init_tensor",
 ]
 
@@ -254,6 +255,26 @@ def _stack(generalists: Tensor, specialists: Tensor) -> Tensor:
     if generalists.shape[0] == 0:
         return specialists
     return torch.cat([generalists, specialists])
+
+
+def generalists_only(adapter: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """`adapter` with its specialists left out: each expert layer mixes its generalists alone.
+
+    Specialists become empty (0 experts) and each router keeps its generalists' rows, so a layer with
+    one generalist runs it as a plain LoRA (its gate is 1). How a trust rule judges a neighbour's
+    generalists: beside the judging peer's own specialists, the peer's own generalist, co-trained with
+    those specialists, would always look best, and trust would drift to the peer itself.
+    A plain LoRA adapter, and a layer without generalists, come back unchanged.
+    """
+    out = dict(adapter)
+    for name, tensor in adapter.items():
+        prefix, _, attr = name.rpartition(".")
+        generalists = adapter[f"{prefix}.generalist_A"].shape[0] if attr in EXPERT_TENSORS else 0
+        if generalists and attr.startswith("specialist_"):
+            out[name] = tensor[:0]
+        elif generalists and attr == "router":
+            out[name] = tensor[:generalists]
+    return out
 
 
 def mean_load_balancing_loss(model: nn.Module) -> Tensor | None:

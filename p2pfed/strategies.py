@@ -25,7 +25,7 @@ from torch import Tensor
 
 from p2pfed import aggregate, robust, trust
 from p2pfed.config import ConfigError, ExperimentConfig, TemperatureConfig, TrustConfig
-from p2pfed.experts import is_shared
+from p2pfed.experts import generalists_only, is_shared
 
 if TYPE_CHECKING:
     from p2pfed.model import AdapterHost
@@ -67,8 +67,9 @@ class TrustInputs:
 
     def candidates(self) -> dict[str, dict[str, Tensor]]:
         """Each neighbour's model on this peer's data: its shared tensors (at its own rank) over this
-        peer's local ones. The peer itself is a candidate too."""
-        own = dict(self.own)
+        peer's local ones, expert layers running their generalists alone (experts.generalists_only).
+        The peer itself is a candidate too."""
+        own = generalists_only(self.own)
         return {self.peer: own, **{n: {**own, **self.received[n].tensors} for n in self.names}}
 
 

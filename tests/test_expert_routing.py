@@ -8,11 +8,11 @@ import torch
 from torch import nn
 
 from p2pfed.config import ExpertsConfig, LoraConfig
-from p2pfed.experts import ExpertLayerConfig, MixtureOfLoraExperts, is_router
+from p2pfed.experts import ExpertLayerConfig, MixtureOfLoraExperts, generalists_only, is_router
 from p2pfed.model import attach_adapters
 from p2pfed.routing import layer_kind, routing_shares
 from p2pfed.training import BilevelTrainer, ExpertTrainer, bilevel_optimizers
-from tests.test_experts import gen, gpt2_base, linear, randomise
+from tests.test_experts import gen, gpt2_base, host_over, linear, randomise
 
 
 def test_top1_router_learns_from_the_task_loss():
@@ -94,3 +94,22 @@ def test_layer_kind_drops_the_block():
     assert layer_kind("transformer.h.11.mlp.c_fc") == "mlp.c_fc"
     assert layer_kind("model.layers.0.mlp.down_proj") == "mlp.down_proj"
     assert layer_kind("0") == "0" and layer_kind("c_fc") == "c_fc"
+
+
+def test_generalists_only_runs_the_generalist_as_a_plain_lora():
+    host = host_over(nn.Sequential(linear(6, 5, 0)), ("0",), rank=2, top_k=2)
+    adapter = {n: torch.randn(t.shape, generator=gen(i)) for i, (n, t)
+               in enumerate(host.initial_adapter(0, host.layout(2, 1, 2)).items())}
+    view = generalists_only(adapter)
+    assert view["0.specialist_A"].shape[0] == 0 and view["0.specialist_B"].shape[0] == 0
+    assert torch.equal(view["0.router"], adapter["0.router"][:1])
+    assert torch.equal(view["0.generalist_B"], adapter["0.generalist_B"])
+    x = torch.randn(7, 6, generator=gen(9))
+    with torch.no_grad(), host.using(view) as model:
+        A, B = adapter["0.generalist_A"][0], adapter["0.generalist_B"][0]
+        expected = model[0].base(x) + host.scale(2) * x @ A.t() @ B.t()
+        torch.testing.assert_close(model(x), expected)
+    no_generalists = host.initial_adapter(0, host.layout(2, 0, 2))
+    assert all(torch.equal(t, no_generalists[n]) for n, t in generalists_only(no_generalists).items())
+    plain = {"h.0.attn.lora_A": torch.ones(2, 3), "h.0.attn.lora_B": torch.zeros(3, 2)}
+    assert generalists_only(plain) == plain
