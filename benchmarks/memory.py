@@ -1,136 +1,154 @@
-"""Resident memory per simulated peer: 8, 32 and 64 peers sharing one frozen base model.
+"""Resident memory of in-process peers: a whole job's peak RSS, with and without trimming the heap between peers.
 
-Each N runs in a fresh process (this script with `--peers N`), so that no earlier measurement's
-allocations linger. The child builds the workspace, trains one throw-away adapter for a few steps
-(so the activation buffers and malloc arenas of a training step exist before the baseline), then
-creates N peers - adapter (trainable_copy), AdamW, two training steps each through the host, as a
-swarm peer trains - and reports how much its RSS grew.
+Each job runs in a fresh process (this script with `--child`), so that no earlier measurement's allocations
+linger; it runs `swarm.run_job` (one round of `validation` trust on a ring, 2 local steps, so every peer
+trains, sends, scores its two neighbours, aggregates and evaluates) and reports its peak RSS (ru_maxrss), its
+RSS once the workspace was open (the base model and the corpus) and the wall time. The job is one process,
+so its peak is the peak summed over its processes. "off" is the swarm without p2pfed.memory's trim (the
+trim patched to do nothing): glibc keeping the heap pages that activations freed. "on" is the swarm as it is: a
+HeapTrimmer per job, trimming once the model work since the last trim is 50 times what that trim took.
 
-Theory per peer: LoRA parameters x 4 bytes x 4 - the weights, AdamW's exp_avg and exp_avg_sq, and
-the gradients, which a peer keeps between steps (zero_grad comes before backward).
+The built-in corpus has text for a few dozen peers' disjoint splits, not 1,000: the script writes a synthetic
+corpus (seeded pseudo-words, two groups, just enough blocks for every peer) into a temporary folder and points
+data.source at it; each peer holds 4 train, 2 validation and 2 test blocks of 128 tokens (the default length).
 
-RSS counts heap pages glibc keeps after the training steps free their activations: the peers' small
-long-lived tensors land between them and pin the heap. The child also reports RSS after
-malloc_trim(0), which returns those free pages, to show the live memory apart from that retention.
+The speed cost: a 64-peer job of 2 rounds x 5 local steps, with and without the trim, interleaved in one
+process (median of 3), as the ratio of wall times.
 
-    .venv/bin/python benchmarks/memory.py
+    flock /tmp/p2pfed-cpu.lock .venv/bin/python benchmarks/memory.py            # 1,000 peers: a few minutes
+    .venv/bin/python benchmarks/memory.py --quick                               # 64 and 256 peers
 
-Target: total RSS under 2 GiB with 64 peers.
+Targets: a 1,000-peer job under 2 GiB peak RSS; the trim costs under 5% (ratio trimmed / untrimmed < 1.05).
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
-import gc
 import json
+import random
+import resource
 import subprocess
 import sys
+import tempfile
+import time
+from pathlib import Path
 
 import psutil
-import torch
 
-from common import default_config, quiet, setup
-from p2pfed.data import batches
-from p2pfed.model import AdapterHost, trainable_copy, train_steps
-from p2pfed.seeding import generator
-from p2pfed.job import job_setup, open_workspace
+from common import default_config, interleaved, median, quiet, setup
+from p2pfed import memory
+from p2pfed.config import ExperimentConfig
+from p2pfed.job import open_workspace
+from p2pfed.swarm import run_job
 
-PEER_COUNTS = (8, 32, 64)
-STEPS_PER_PEER = 2
-TARGET_TOTAL_MB = 2048.0
+GROUPS = ("alpha", "beta")
+BLOCK_LEN, TRAIN, VAL, TEST = 128, 4, 2, 2
+TARGET_MB = 2048.0
+TARGET_COST = 1.05
 MB = 1024 * 1024
 
 
-def rss_mb() -> float:
-    gc.collect()
-    return psutil.Process().memory_info().rss / MB
+def write_corpus(folder: Path, peers: int, seed: int = 0) -> None:
+    """Two groups of seeded pseudo-words, each with a little more text than its peers' blocks need."""
+    rng = random.Random(seed)
+    per_group = (peers + len(GROUPS) - 1) // len(GROUPS) * (TRAIN + VAL + TEST) * BLOCK_LEN * 11 // 10
+    for group in GROUPS:
+        letters = "aeioulnrst" if group == "alpha" else "aeioumpkdg"  # two "languages" that differ
+        words = ["".join(rng.choice(letters) for _ in range(rng.randint(2, 7))) for _ in range(400)]
+        parts, size = [], 0
+        while size < per_group:
+            sentence = " ".join(rng.choice(words) for _ in range(rng.randint(4, 12))).capitalize() + ".\n"
+            parts.append(sentence)
+            size += len(sentence)
+        (folder / f"{group}.txt").write_text("".join(parts), encoding="utf-8")
 
 
-def trimmed_rss_mb() -> float | None:
-    """RSS after glibc hands its free heap pages back; None where the C library is not glibc."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        libc.malloc_trim(0)
-    except (OSError, AttributeError, TypeError):
-        return None
-    return rss_mb()
+def job_config(source: Path, peers: int, rounds: int, steps: int) -> ExperimentConfig:
+    return default_config(
+        f"num_peers={peers}", 'schemes=["validation"]', 'topology="ring"', f"training.rounds={rounds}",
+        f"training.local_steps={steps}", f'data.source="{source}"', f"data.groups={json.dumps(list(GROUPS))}",
+        f"data.block_len={BLOCK_LEN}", f"data.train_blocks={TRAIN}", f"data.val_blocks={VAL}",
+        f"data.test_blocks={TEST}",
+    )
 
 
-def new_peer(host: AdapterHost, initial, stream, lr: float) -> tuple[dict, torch.optim.Optimizer]:
-    """A peer's own state after a few steps: its adapter, its AdamW (state now allocated), its grads."""
-    adapter = trainable_copy(initial)
-    optimizer = torch.optim.AdamW(adapter.values(), lr=lr)
-    train_steps(host, adapter, optimizer, stream, STEPS_PER_PEER)
-    return adapter, optimizer
+def without_trim() -> None:
+    memory.trim_heap = lambda: False  # what the swarm did before: freed pages stay with glibc
 
 
-def measure(num_peers: int) -> dict:
-    """Run in the child process: RSS before and after creating `num_peers` trained peers."""
+def child(peers: int, trim: bool) -> dict:
     setup()
-    config = default_config()
-    workspace = open_workspace(config, log=quiet)
-    _, data = job_setup(config, workspace, 0)
-    # The data split fits 8 peers; peers share its batches, which is fine: data is not what is measured.
-    stream = batches(torch.cat([d.train for d in data]), config.training.batch_size, generator(0, "memory"))
-    initial = workspace.host.initial_adapter(0)
-    new_peer(workspace.host, initial, stream, config.training.lr)  # warm-up, dropped
-    # Trim before the baseline too, so that free pages left by loading cannot absorb (hide) the growth.
-    before = trimmed_rss_mb() or rss_mb()
-    peers = [new_peer(workspace.host, initial, stream, config.training.lr) for _ in range(num_peers)]
-    after = rss_mb()
-    live = trimmed_rss_mb()
-    params = sum(t.numel() for t in initial.values())
-    del peers
-    return {"peers": num_peers, "before_mb": before, "after_mb": after, "trimmed_mb": live, "lora_params": params}
+    if not trim:
+        without_trim()
+    with tempfile.TemporaryDirectory() as folder:
+        write_corpus(Path(folder), peers)
+        config = job_config(Path(folder), peers, rounds=1, steps=2)
+        workspace = open_workspace(config, log=quiet)
+        base = psutil.Process().memory_info().rss / MB
+        start = time.perf_counter()
+        result = run_job(config, workspace, "validation", 0)
+        wall = time.perf_counter() - start
+    ppl = [p.rounds[-1].test_ppl for p in result.peers.values()]
+    return {"peers": peers, "trim": trim, "base_mb": base, "wall_s": wall,
+            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "finite": all(x is not None and x < float("inf") for x in ppl)}
 
 
-def run_child(num_peers: int) -> dict:
-    output = subprocess.run([sys.executable, __file__, "--peers", str(num_peers)], check=True,
-                            capture_output=True, text=True).stdout
+def speed_child() -> dict:
+    """Wall time of a 64-peer job with and without the trim, interleaved in this one process."""
+    setup()
+    original = memory.trim_heap
+    with tempfile.TemporaryDirectory() as folder:
+        write_corpus(Path(folder), 64)
+        config = job_config(Path(folder), 64, rounds=2, steps=5)
+        workspace = open_workspace(config, log=quiet)
+
+        def run(trim: bool):
+            memory.trim_heap = original if trim else (lambda: False)
+            return lambda: run_job(config, workspace, "validation", 0)
+
+        times = interleaved({"trimmed": run(True), "untrimmed": run(False)}, repeats=3)
+    return {name: median(values) for name, values in times.items()}
+
+
+def run_child(*args: str) -> dict:
+    output = subprocess.run([sys.executable, __file__, *args], check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
 
-def main() -> dict:
-    setup()
-    rows = [run_child(n) for n in PEER_COUNTS]
-    params = rows[0]["lora_params"]
-    theory_mb = params * 4 * 4 / MB
-    print(f"memory: {params} LoRA parameters per peer; theory {theory_mb:.3f} MB per peer "
-          f"(weights + grads + AdamW exp_avg, exp_avg_sq, fp32)")
-    print(f"  {'peers':>5}  {'base RSS':>9}  {'total RSS':>9}  {'growth':>8}  {'per peer':>9}  "
-          f"{'per peer after malloc_trim':>26}")
+def main(counts: tuple[int, ...] = (64, 1000)) -> dict:
+    rows = [run_child("--child", str(n), "--trim", trim) for n in counts for trim in ("off", "on")]
+    print(f"memory: one job in one process, peak RSS (ru_maxrss); each peer {TRAIN}+{VAL}+{TEST} blocks of "
+          f"{BLOCK_LEN} tokens, 1 round of 2 steps, validation trust on a ring")
+    print(f"  {'peers':>5}  {'trim':>4}  {'base RSS':>9}  {'peak RSS':>9}  {'per peer':>9}  {'wall':>7}")
     for row in rows:
-        growth = row["after_mb"] - row["before_mb"]
-        row["per_peer_mb"] = growth / row["peers"]
-        row["live_per_peer_mb"] = None if row["trimmed_mb"] is None else (
-            (row["trimmed_mb"] - row["before_mb"]) / row["peers"])
-        live = "n/a" if row["live_per_peer_mb"] is None else f"{row['live_per_peer_mb']:.3f}MB"
-        print(f"  {row['peers']:5d}  {row['before_mb']:7.0f}MB  {row['after_mb']:7.0f}MB  {growth:6.1f}MB  "
-              f"{row['per_peer_mb']:7.3f}MB  {live:>26}")
-    # The slope between the smallest and largest N drops whatever fixed cost each child paid once.
-    first, last = rows[0], rows[-1]
-    slope = ((last["after_mb"] - last["before_mb"]) - (first["after_mb"] - first["before_mb"])) / (
-        last["peers"] - first["peers"])
-    total = last["after_mb"]
-    live = last["live_per_peer_mb"]
-    print(f"  RSS: marginal {slope:.3f} MB per peer = {slope / theory_mb:.1f} x theory; "
-          f"total with {last['peers']} peers {total:.0f} MB (target < {TARGET_TOTAL_MB:.0f} MB)")
-    if live is not None:
-        print(f"  live (after malloc_trim): {live:.3f} MB per peer = {live / theory_mb:.1f} x theory; the rest is "
-              f"free heap glibc keeps between peers")
-    return {"rows": rows, "theory_mb_per_peer": theory_mb, "marginal_mb_per_peer": slope,
-            "ratio_marginal_over_theory": slope / theory_mb, "live_mb_per_peer": live,
-            "ratio_live_over_theory": None if live is None else live / theory_mb,
-            "total_mb_64": total, "target_total_mb": TARGET_TOTAL_MB}
+        row["per_peer_mb"] = (row["peak_mb"] - row["base_mb"]) / row["peers"]
+        print(f"  {row['peers']:5d}  {'on' if row['trim'] else 'off':>4}  {row['base_mb']:7.0f}MB  "
+              f"{row['peak_mb']:7.0f}MB  {row['per_peer_mb']:7.3f}MB  {row['wall_s']:6.1f}s"
+              + ("" if row["finite"] else "  (a test perplexity is not finite)"))
+    largest = max((r for r in rows if r["trim"]), key=lambda r: r["peers"])
+    untrimmed = next(r for r in rows if r["peers"] == largest["peers"] and not r["trim"])
+    print(f"  {largest['peers']} peers with the trim: peak {largest['peak_mb']:.0f} MB "
+          f"(target < {TARGET_MB:.0f} MB), {untrimmed['peak_mb'] / largest['peak_mb']:.2f}x less than without; "
+          f"wall time trimmed / untrimmed {largest['wall_s'] / untrimmed['wall_s']:.3f} (one run each)")
+    speed = run_child("--speed")
+    cost = speed["trimmed"] / speed["untrimmed"]
+    print(f"  speed: 64 peers x 2 rounds x 5 steps, trimmed / untrimmed wall time {cost:.3f} "
+          f"(target < {TARGET_COST}; median of 3 interleaved)")
+    return {"rows": rows, "largest_peak_mb": largest["peak_mb"], "target_mb": TARGET_MB,
+            "trim_time_ratio": cost, "target_cost": TARGET_COST}
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--peers", type=int, help="internal: measure this many peers and print JSON")
+    parser.add_argument("--quick", action="store_true", help="64 and 256 peers instead of 64 and 1,000")
+    parser.add_argument("--child", type=int, help="internal: run one job of this many peers, print JSON")
+    parser.add_argument("--trim", choices=("on", "off"), default="on", help="internal, with --child")
+    parser.add_argument("--speed", action="store_true", help="internal: the speed comparison, print JSON")
     args = parser.parse_args()
-    if args.peers:
-        print(json.dumps(measure(args.peers)))
+    if args.child:
+        print(json.dumps(child(args.child, args.trim == "on")))
+    elif args.speed:
+        print(json.dumps(speed_child()))
     else:
-        main()
+        main((64, 256) if args.quick else (64, 1000))
