@@ -8,13 +8,18 @@ plain tensors as the wire delivers them). Timed side by side, interleaved:
   the peer loop's own training step (model.train_steps);
 - validation: `evaluate.validation_scores` on the peer's validation blocks (data.val_blocks);
 - predictions: `evaluate.predictions_scores` with the default top-k and distance;
+- adaptive: the default trust rule through `strategies.trust_weights`, as the loop calls it: every candidate
+  scored on a window of trust.score_blocks validation blocks, then the aggregate of each candidate row
+  (trust.adaptive_temperatures and the uniform row) on the same window;
+- select: training.select_best's pass over all the validation blocks with the peer's own adapter (every
+  scheme pays it, baselines too);
 - whole / chunks8: validation scoring with each candidate's blocks in one batch, or in batches of 8;
 - vmap: all candidates in one call, `torch.func.functional_call` vmapped over stacked adapters.
 
     .venv/bin/python benchmarks/trust_cost.py
 
-Reported: validation / train and predictions / train (how much a trust round adds to a training
-round), chunks8 / whole, and looped / vmap (above 1: vmap is faster), with vmap's largest loss
+Reported: validation / train, predictions / train and adaptive / train (how much a trust round adds to a
+training round; the target for the default, adaptive, is at most 0.3), select / train, chunks8 / whole, and looped / vmap (above 1: vmap is faster), with vmap's largest loss
 difference to the looped scores.
 """
 
@@ -28,7 +33,10 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from common import default_config, interleaved, median, quiet, setup
-from p2pfed import evaluate
+from p2pfed import aggregate, evaluate
+from p2pfed.experts import is_shared
+from p2pfed.net import wire
+from p2pfed.strategies import TRUST_RULES, TrustInputs, trust_weights
 from p2pfed.data import batches
 from p2pfed.model import Adapter, AdapterHost, train_steps, trainable_copy
 from p2pfed.seeding import derive_seed, generator
@@ -98,11 +106,25 @@ def main() -> dict:
     val = own.val
     stacked = StackedScorer(host)
 
+    def adaptive_inputs() -> TrustInputs:
+        # What the loop hands the rule: the neighbours' shared tensors as received, and a merge by the aggregator.
+        own_now = {k: p.detach() for k, p in adapter.items()}
+        received = {n: wire.UpdateMessage(sender=n, round=1, tensors={k: v for k, v in c.items() if is_shared(k)})
+                    for n, c in candidates.items() if n != spec.name}
+        states = {spec.name: {k: v for k, v in own_now.items() if is_shared(k)},
+                  **{n: m.tensors for n, m in received.items()}}
+        return TrustInputs(peer=spec.name, own=own_now, initial=initial, received=received,
+                           degree=len(received), train_tokens=int(own.train.numel()), settings=trust, host=host,
+                           val=val, mixed_ranks=False, round=1,
+                           merge=lambda row: aggregate.weighted_average(states, row))
+
     sides = {
         "train": lambda: train_steps(host, adapter, optimizer, stream, t.local_steps),
         "validation": lambda: evaluate.validation_scores(host, candidates, val),
         "predictions": lambda: evaluate.predictions_scores(host, spec.name, candidates, val,
                                                            trust.predictions_top_k, trust.predictions_distance),
+        "adaptive": lambda: trust_weights(TRUST_RULES["adaptive"], adaptive_inputs()),
+        "select": lambda: evaluate.mean_loss(host, adapter, val),
         "whole": lambda: looped_scores(host, candidates, val, len(val)),
         "chunks8": lambda: looped_scores(host, candidates, val, 8),
         "vmap": lambda: stacked.scores(candidates, val),
@@ -114,6 +136,8 @@ def main() -> dict:
     ratios = {
         "validation_over_train": times["validation"] / times["train"],
         "predictions_over_train": times["predictions"] / times["train"],
+        "adaptive_over_train": times["adaptive"] / times["train"],
+        "select_over_train": times["select"] / times["train"],
         "chunks8_over_whole": times["chunks8"] / times["whole"],
         "looped_over_vmap": times["whole"] / times["vmap"],
     }
@@ -124,6 +148,9 @@ def main() -> dict:
         print(f"  {name:12s}: {seconds * 1e3:7.1f} ms")
     print(f"  validation / train : {ratios['validation_over_train']:5.2f}")
     print(f"  predictions / train: {ratios['predictions_over_train']:5.2f}")
+    print(f"  adaptive / train   : {ratios['adaptive_over_train']:5.2f}  (the default; {trust.score_blocks} blocks, "
+          f"{len(trust.adaptive_temperatures) + 1} candidate rows; target <= 0.3)")
+    print(f"  select / train     : {ratios['select_over_train']:5.2f}  (best-round selection, every scheme)")
     print(f"  chunks of 8 / whole: {ratios['chunks8_over_whole']:5.2f}")
     print(f"  looped / vmap      : {ratios['looped_over_vmap']:5.2f}  (vmap works; largest loss difference "
           f"{vmap_error:.1e})")
