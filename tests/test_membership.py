@@ -207,7 +207,7 @@ def settings(i: int, bootstrap: tuple[str, ...], expected: int = 4, **kw):
     return MemberSettings(**{**values, **kw})
 
 
-async def open_members(stack, count: int, founder_bootstrap: bool = True, **kw):
+async def open_members(stack, count: int, **kw):
     """`count` endpoints with a Membership each (opened, not joined); member 0's address is the bootstrap."""
     from p2pfed.net.libp2p_endpoint import open_libp2p_endpoint
     from p2pfed.net.membership import Membership
@@ -215,87 +215,112 @@ async def open_members(stack, count: int, founder_bootstrap: bool = True, **kw):
     endpoints = [await stack.enter_async_context(open_libp2p_endpoint(KEYS[i], "/ip4/127.0.0.1/tcp/0"))
                  for i in range(count)]
     bootstrap = (f"{endpoints[0].listen_addrs[0]}/p2p/{IDS[0]}",)
-    members = [Membership(settings(i, bootstrap if i or founder_bootstrap else (), **kw), KEYS[i], endpoints[i],
-                          lambda: 0) for i in range(count)]
+    members = [Membership(settings(i, bootstrap, **kw), KEYS[i], endpoints[i], lambda: 0) for i in range(count)]
     for m in members:
         m.open()
     return members
 
 
-def test_four_members_learn_each_other_from_one_bootstrap_and_derive_one_graph():
+def with_members(count: int, body, joined: int = 0, **kw) -> None:
+    """Run `await body(stack, members)` on `count` open members, the first `joined` of them joined already."""
     import contextlib
 
     async def main():
         async with contextlib.AsyncExitStack() as stack:
-            members = await open_members(stack, 4)
+            members = await open_members(stack, count, **kw)
             with trio.fail_after(30):
                 async with trio.open_nursery() as nursery:
-                    for m in members[::-1]:  # the bootstrap joins last: the others wait for it
+                    for m in members[:joined][::-1]:  # the bootstrap joins last: the others wait for it
                         nursery.start_soon(m.join)
                         await trio.sleep(0.3)
-            topology = TopologyConfig("random_regular", {"d": 2, "resample_every": 1})
-            graphs = [derived_graph(m.view.members(2), topology, 0, 2) for m in members]
-            assert all(len(m.view.members()) == 4 for m in members)
-            assert all(nx.utils.graphs_equal(graphs[0], g) for g in graphs)
-            for m in members:
-                others = {r.peer_id for r in m.view.others()}
-                assert set(m.endpoint.neighbours) == others and set(m.ids.values()) == others
-                assert m.ids == {f"peer{i}": IDS[i] for i in range(4) if IDS[i] != m.own_id}
+            await body(stack, members)
     trio.run(main)
+
+
+def test_four_members_learn_each_other_from_one_bootstrap_and_derive_one_graph():
+    async def body(stack, members):
+        topology = TopologyConfig("random_regular", {"d": 2, "resample_every": 1})
+        graphs = [derived_graph(m.view.members(2), topology, 0, 2) for m in members]
+        assert all(len(m.view.members()) == 4 for m in members)
+        assert all(nx.utils.graphs_equal(graphs[0], g) for g in graphs)
+        for m in members:
+            others = {r.peer_id for r in m.view.others()}
+            assert set(m.endpoint.neighbours) == others and set(m.ids.values()) == others
+            assert m.ids == {f"peer{i}": IDS[i] for i in range(4) if IDS[i] != m.own_id}
+    with_members(4, body, joined=4)
 
 
 def test_a_stranger_cannot_join_as_another_members_name_or_id():
-    import contextlib
-
     from p2pfed.net.libp2p_endpoint import open_libp2p_endpoint
     from p2pfed.net.membership import Membership
 
-    async def main():
-        async with contextlib.AsyncExitStack() as stack:
-            members = await open_members(stack, 2, expected=2)
-            async with trio.open_nursery() as nursery:
-                for m in members:
-                    nursery.start_soon(m.join)
-            bootstrap = members[1].settings.bootstrap
-            endpoint = await stack.enter_async_context(open_libp2p_endpoint(KEYS[5], "/ip4/127.0.0.1/tcp/0"))
-            thief = Membership(settings(5, bootstrap, name="peer1", startup_timeout_s=3.0), KEYS[5], endpoint,
-                               lambda: 0)
-            thief.open()
-            await thief.join()  # it learns the members, but nobody takes its record
-            for m in members:
-                assert IDS[5] not in m.view.records and m.view.holder("peer1") == IDS[1]
-            # Its own record claiming peer1's ID cannot be signed by it; a replay of peer1's real record changes
-            # nothing, and one with a bumped seq no longer verifies.
-            real = members[0].view.records[IDS[1]]
-            body = msgpack.unpackb(real.record.body())
-            body[3], body[6] = ["/ip4/127.0.0.1/tcp/1"], body[6] + 1
-            forged = [msgpack.packb(body, use_bin_type=True), real.public_key, real.signature]
-            payload = encode_message("lab", "sync", 0, [thief.view.records[IDS[5]]])
-            thief._outgoing = lambda kind: [thief.view.records[IDS[5]]]
-            await thief.exchange(IDS[0], members[0].own.addrs, "sync")
-            assert members[0].view.records[IDS[1]].record == real.record
-            members[0]._take(IDS[5], [forged])
-            assert members[0].view.records[IDS[1]].record == real.record
-            assert payload  # the thief's honest message is well-formed: only its claim is refused
-    trio.run(main)
+    async def body(stack, members):
+        bootstrap = members[1].settings.bootstrap
+        endpoint = await stack.enter_async_context(open_libp2p_endpoint(KEYS[5], "/ip4/127.0.0.1/tcp/0"))
+        thief = Membership(settings(5, bootstrap, name="peer1", startup_timeout_s=3.0), KEYS[5], endpoint,
+                           lambda: 0)
+        thief.open()
+        await thief.join()  # it learns the members, but nobody takes its record
+        for m in members:
+            assert IDS[5] not in m.view.records and m.view.holder("peer1") == IDS[1]
+        # A record claiming peer1's ID cannot be signed by the thief; a replay of peer1's real record changes
+        # nothing, and one with other addresses and a bumped seq no longer verifies.
+        real = members[0].view.records[IDS[1]]
+        fields = msgpack.unpackb(real.record.body())
+        fields[3], fields[6] = ["/ip4/127.0.0.1/tcp/1"], fields[6] + 1
+        forged = [msgpack.packb(fields, use_bin_type=True), real.public_key, real.signature]
+        thief._outgoing = lambda kind: [thief.view.records[IDS[5]], real]
+        await thief.exchange(IDS[0], members[0].own.addrs, "sync")
+        members[0]._take(IDS[5], [forged])
+        assert members[0].view.records[IDS[1]].record == real.record
+    with_members(2, body, joined=2, expected=2)
 
 
 def test_a_wrong_bootstrap_peer_id_or_no_bootstrap_fails_the_join_with_the_reason():
-    import contextlib
-
     from p2pfed.net.membership import JoinError
 
-    async def main():
-        async with contextlib.AsyncExitStack() as stack:
-            members = await open_members(stack, 2, expected=2, startup_timeout_s=2.0)
-            wrong = f"{members[0].endpoint.listen_addrs[0]}/p2p/{IDS[3]}"
-            members[1].settings = settings(1, (wrong,), startup_timeout_s=2.0)
-            with pytest.raises(JoinError, match="another ID"):
-                await members[1].join()
-            members[1].settings = settings(1, ("/ip4/127.0.0.1/tcp/9/p2p/" + IDS[0],), startup_timeout_s=2.0)
-            with pytest.raises(JoinError, match="refused"):
-                await members[1].join()
-    trio.run(main)
+    async def body(stack, members):
+        wrong = f"{members[0].endpoint.listen_addrs[0]}/p2p/{IDS[3]}"
+        members[1].settings = settings(1, (wrong,), startup_timeout_s=2.0)
+        with pytest.raises(JoinError, match="another ID"):
+            await members[1].join()
+        members[1].settings = settings(1, ("/ip4/127.0.0.1/tcp/9/p2p/" + IDS[0],), startup_timeout_s=2.0)
+        with pytest.raises(JoinError, match="refused"):
+            await members[1].join()
+    with_members(2, body)
+
+
+def test_strangers_get_through_noise_only_within_the_budget_and_get_no_answer_without_a_record():
+    from p2pfed.net.identity import parse_peer_id
+    from p2pfed.net.membership import STRANGER_BURST
+    from p2pfed.net.stranger import dial_strangers
+
+    async def body(stack, members):
+        with trio.fail_after(60):
+            outcomes = await dial_strangers(members[0].endpoint.listen_addrs[0], parse_peer_id(IDS[0]), 40, wave=40)
+        assert outcomes.get("connected", 0) <= STRANGER_BURST + 2  # one more a second at most
+        assert outcomes.get("hung up after Noise", 0) >= 40 - STRANGER_BURST - 2
+        assert members[0].view.others() == []
+    with_members(1, body, joined=1, expected=1)
+
+
+def test_a_dialler_without_a_record_of_its_own_or_with_an_oversized_message_gets_no_answer():
+    from p2pfed.net.identity import parse_peer_id
+    from p2pfed.net.membership import LENGTH, MEMBERS_PROTOCOL
+
+    async def body(stack, members):
+        asker = members[2]
+        asker._outgoing = lambda kind: [members[0].view.records[IDS[1]]]  # peer1's record, not its own
+        with pytest.raises(Exception):
+            await asker.exchange(IDS[0], members[0].own.addrs, "sync")
+        assert IDS[2] not in members[0].view.records and IDS[1] not in asker.view.records
+        stream = await asker.endpoint.host.new_stream(parse_peer_id(IDS[0]), [MEMBERS_PROTOCOL])
+        await stream.write(LENGTH.pack(MAX_MESSAGE_BYTES + 1))
+        with trio.fail_after(10), pytest.raises(Exception):
+            while True:  # reset by the member, without reading a body
+                if not await stream.read(100):
+                    raise EOFError
+    with_members(3, body, joined=2, expected=2)
 
 
 # -- whole swarms of `p2pfed peer` processes, from `p2pfed init --swarm` ------------------------
@@ -419,49 +444,3 @@ def test_a_newcomer_after_round_3_and_a_leaver_at_round_5_re_derive_the_graph_an
     assert all("peer3" not in results[n].rounds[r].neighbours for n in names for r in range(5, 11))
     simulated = run_job(config, workspace, "validation", seed=0, graph=graph)
     assert records(results) == records(simulated.peers)
-
-
-def test_strangers_get_through_noise_only_within_the_budget_and_get_no_answer_without_a_record():
-    import contextlib
-
-    from p2pfed.net.membership import STRANGER_BURST
-    from p2pfed.net.stranger import dial_strangers
-    from p2pfed.net.identity import parse_peer_id
-
-    async def main():
-        async with contextlib.AsyncExitStack() as stack:
-            (member,) = await open_members(stack, 1, expected=1)
-            with trio.fail_after(60):
-                outcomes = await dial_strangers(member.endpoint.listen_addrs[0], parse_peer_id(IDS[0]), 40, wave=40)
-            assert outcomes.get("connected", 0) <= STRANGER_BURST + 2  # one more a second at most
-            assert outcomes.get("hung up after Noise", 0) >= 40 - STRANGER_BURST - 2
-            assert member.view.others() == []
-    trio.run(main)
-
-
-def test_a_dialler_without_a_record_of_its_own_or_with_an_oversized_message_gets_no_answer():
-    import contextlib
-
-    from p2pfed.net.membership import LENGTH, MEMBERS_PROTOCOL
-    from p2pfed.net.identity import parse_peer_id
-
-    async def main():
-        async with contextlib.AsyncExitStack() as stack:
-            members = await open_members(stack, 3, expected=2)
-            async with trio.open_nursery() as nursery:
-                for m in members[:2]:
-                    nursery.start_soon(m.join)
-            asker = members[2]
-            asker._outgoing = lambda kind: [members[0].view.records[IDS[1]]]  # peer1's record, not its own
-            with pytest.raises(Exception):
-                await asker.exchange(IDS[0], members[0].own.addrs, "sync")
-            assert IDS[2] not in members[0].view.records and IDS[1] not in asker.view.records
-            host = asker.endpoint.host
-            stream = await host.new_stream(parse_peer_id(IDS[0]), [MEMBERS_PROTOCOL])
-            await stream.write(LENGTH.pack(MAX_MESSAGE_BYTES + 1))
-            with trio.fail_after(10):
-                with pytest.raises(Exception):
-                    while True:  # reset by the member, without reading a body
-                        if not await stream.read(100):
-                            raise EOFError
-    trio.run(main)

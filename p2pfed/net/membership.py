@@ -102,6 +102,9 @@ class Membership:
         self.errors: dict[str, str] = {}  # peer ID -> why the last exchange with it failed
         self.rounds_heard: dict[str, int] = {}  # peer ID -> the round it said it was in
         self.leaving: set[str] = set()  # members whose leave round was logged
+        # Whether to keep the connection to a member after gossiping with it: the peer's current neighbours only,
+        # so that a large swarm does not leave every member connected to every other.
+        self.keep: Callable[[str], bool] = lambda peer_id: True
         self._seq = 0
         self._serving = trio.Semaphore(MAX_SERVING)
         self._strangers = (float(STRANGER_BURST), 0.0)  # tokens, when last counted
@@ -226,6 +229,8 @@ class Membership:
             others = self.view.others()
             for record in self._random.sample(others, min(FANOUT, len(others))):
                 await self._try(record.peer_id, record.addrs, "sync")
+                if not self.keep(record.peer_id):
+                    await self.disconnect(record.peer_id)
             for record in self.view.expire(trio.current_time()):
                 log.warning("%s: %s (%s) left the swarm: no fresh record for %.0f s", self.settings.name,
                             record.name, record.peer_id, self.settings.member_timeout_s)
@@ -240,6 +245,14 @@ class Membership:
             async with trio.open_nursery() as nursery:
                 for record in self.view.others():
                     nursery.start_soon(self._try, record.peer_id, record.addrs, "sync")
+
+    async def disconnect(self, peer_id: str) -> None:
+        """Close the connection to a member (no longer a neighbour); a later exchange or send dials it again."""
+        with trio.CancelScope(shield=True), trio.move_on_after(2.0):
+            try:
+                await self.endpoint.host.disconnect(parse_peer_id(peer_id))
+            except Exception as error:
+                log.debug("%s: disconnecting %s failed: %s", self.settings.name, peer_id, error)
 
     async def _sync_unsynced(self) -> None:
         for record in self.view.others():
