@@ -252,18 +252,21 @@ async def _serve_peer(config, quiet: bool) -> int:
     from p2pfed.peer import Peer, RoundFinished
     from p2pfed.peerlog import SILENT_NEIGHBOUR_EXIT
 
-    stopped, silent = False, None
+    stopped, silent, started = False, None, []
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             async def stop_on_signal() -> None:
                 nonlocal stopped
                 async for _ in signals:
                     stopped = True
+                    for running in started:  # a swarm member tells the members it leaves (bounded to 2 s)
+                        await running.leave()
                     nursery.cancel_scope.cancel()
                     return
 
             nursery.start_soon(stop_on_signal)
             async with Peer(config) as peer:
+                started.append(peer)
                 print(f"{config.name}: peer ID {peer.peer_id}, listening on {', '.join(peer.listen_addrs)}", flush=True)
                 shown: list[int] = []  # the rounds whose line is printed
                 if not quiet:

@@ -243,13 +243,18 @@ class Peer:
 
     async def __aexit__(self, *exc_info) -> bool | None:
         try:
-            if not self._done.is_set() and self._swarm is not None:
-                await self._swarm.leave()  # stopped early: the members re-derive the graph without it
+            await self.leave()
             self._stop.cancel()  # the rounds, if still running, and the membership's upkeep
             return await self._stack.__aexit__(*exc_info)
         finally:
             for channel in self._subscribers:
                 channel.close()
+
+    async def leave(self) -> None:
+        """Stopping before the last round: in membership mode, tell the members it leaves from the next round
+        (so they re-derive the graph without it), within 2 s; call it before cancelling what runs the peer."""
+        if self._swarm is not None and not self._done.is_set():
+            await self._swarm.leave()
 
     async def _run(self) -> None:
         prepared, config = self.prepared, self.config
