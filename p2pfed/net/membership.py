@@ -49,12 +49,16 @@ _exchanging: contextvars.ContextVar[bool] = contextvars.ContextVar("p2pfed_membe
 
 class _ExchangeRecordsToDebug(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno > logging.DEBUG and _exchanging.get():
+        # Members gossip with a member that is shutting down; its libp2p then logs each connection it can no
+        # longer take (a LifecycleError) with a traceback: harmless, so at debug level too.
+        closing = str(record.msg).startswith("[ADDCONN_FAIL]") and "LifecycleError" in str(record.args)[:300]
+        if record.levelno > logging.DEBUG and (_exchanging.get() or closing):
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
         return True
 
 
-logging.getLogger("libp2p.host.basic_host").addFilter(_ExchangeRecordsToDebug())
+for _logger in ("libp2p.host.basic_host", "libp2p.network.swarm"):
+    logging.getLogger(_logger).addFilter(_ExchangeRecordsToDebug())
 
 MEMBERS_PROTOCOL = TProtocol("/p2pfed/members/1")
 LENGTH = struct.Struct(">I")
