@@ -64,6 +64,8 @@ def init_swarm(num_peers: int, out: Path, experiment: str | None = None, overrid
 
     if isinstance(num_peers, bool) or not isinstance(num_peers, int) or num_peers < 1:
         raise ConfigError(f"N: must be an integer >= 1, got {num_peers!r}")
+    if swarm is not None:  # before anything is written
+        PeerConfig(swarm=swarm).validate()
     config = load_experiment(experiment, [*overrides, f"num_peers={num_peers}"])
     scheme = _scheme(config, experiment, overrides, scheme)
     seed = config.seeds[0]

@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from p2pfed.config import ConfigError, PeerConfig, TopologyConfig
-from p2pfed.net.identity import identity_from_seed, peer_id_of
+from p2pfed.net.identity import identity_from_file, identity_from_seed, peer_id_of
 from p2pfed.net.member_records import (MAX_MESSAGE_BYTES, MemberRecord, MembershipError, decode_message,
                                        encode_message, sign_record, verify)
 from p2pfed.net.member_view import MemberView
@@ -60,6 +60,20 @@ def test_a_swarm_member_lists_no_neighbours_and_a_bootstrap_needs_a_peer_id():
     check_addresses(config, IDS[0])
     with pytest.raises(ConfigError, match=r"bootstrap\[0\]"):
         check_addresses(PeerConfig(swarm="lab", bootstrap=("/ip4/127.0.0.1/tcp/4001/p2p/notanid",)), IDS[0])
+
+
+def test_init_swarm_writes_members_that_know_only_the_bootstrap(tmp_path):
+    from p2pfed.load import load_peer
+    from p2pfed.scaffold import init_swarm
+
+    paths = init_swarm(3, tmp_path / "lab", None, ['topology="ring"'], hosts=("127.0.0.1", "10.0.0.2"), swarm="lab")
+    peers = [load_peer(p) for p in paths]
+    bootstrap = f"{peers[0].listen[0]}/p2p/{peer_id_of(identity_from_file(tmp_path / 'lab' / 'peer0.key'))}"
+    assert all(p.swarm == "lab" and p.bootstrap == (bootstrap,) and not p.neighbours for p in peers)
+    assert peers[1].listen == ("/ip4/10.0.0.2/tcp/4001",) and peers[2].topology.generator == "ring"
+    with pytest.raises(ConfigError, match="swarm: 1-64"):
+        init_swarm(2, tmp_path / "bad", None, swarm="a b")
+    assert not (tmp_path / "bad").exists()
 
 
 # -- signed records --------------------------------------------------------------------------
@@ -396,6 +410,7 @@ def test_8_peers_from_init_swarm_follow_the_derived_topology_and_match_the_in_pr
 def test_a_newcomer_after_round_3_and_a_leaver_at_round_5_re_derive_the_graph_and_match_the_in_process_swarm(
         tmp_path, workspace):
     import json
+    import signal
     import time
 
     from p2pfed.checkpoint import load_checkpoint
@@ -406,21 +421,30 @@ def test_a_newcomer_after_round_3_and_a_leaver_at_round_5_re_derive_the_graph_an
     from p2pfed.swarm import run_job
 
     plan = 'network.membership=[{peer="peer8", join=4}, {peer="peer3", leave=5}]'
-    overrides = [*SWARM_OVERRIDES, "training.rounds=10", "training.local_steps=8", plan]
+    overrides = [*SWARM_OVERRIDES, "training.rounds=8", plan]
     names = [f"peer{k}" for k in range(9)]
     init_swarm(9, tmp_path, None, overrides, swarm="lab")
     processes = start_peers(tmp_path, names[:8])
     deadline = time.monotonic() + 600
-    while (load_checkpoint(tmp_path / "peer0") or type("none", (), {"round": 0})).round < 1:
+    while (load_checkpoint(tmp_path / "peer0") or type("none", (), {"round": 0})).round < 3:
         assert time.monotonic() < deadline and processes["peer0"].poll() is None
         time.sleep(0.2)
-    # Started while the swarm runs (it takes a while to start): it joins two rounds after the swarm's, >= 4.
-    processes.update(start_peers(tmp_path, ["peer8"]))
+    # The swarm has finished round 3. A process takes a while to start: the swarm is paused meanwhile (SIGSTOP),
+    # so that the rounds do not all pass first, and goes on once the newcomer listens and starts to join.
+    for process in processes.values():
+        process.send_signal(signal.SIGSTOP)
+    try:
+        processes.update(start_peers(tmp_path, ["peer8"]))
+        first = processes["peer8"].stdout.readline()
+        assert "listening on" in first, first
+    finally:
+        for process in processes.values():
+            process.send_signal(signal.SIGCONT)
     outputs = finish(processes)
     results, _ = swarm_results(tmp_path, names)
     own = {m["name"]: m for m in json.loads((tmp_path / "peer8" / "members.json").read_text())["members"]}
     join = own["peer8"]["join_round"]
-    assert 4 <= join <= 9 and f"takes part from round {join}" in outputs["peer8"]
+    assert 5 <= join <= 8 and f"takes part from round {join}" in outputs["peer8"]
     ids = {n: peer_id_of(identity_from_file(tmp_path / f"{n}.key")) for n in names}
     rounds = {n: (join if n == "peer8" else 1, 5 if n == "peer3" else None) for n in names}
     config = load_experiment(None, [*overrides, "num_peers=9", "network.membership=[{peer=\"peer8\", join=%d}, "
@@ -439,8 +463,8 @@ def test_a_newcomer_after_round_3_and_a_leaver_at_round_5_re_derive_the_graph_an
             assert r.online == takes_part, (name, r.round)
             expected = tuple(f"peer{j}" for j in sorted(graph(r.round).neighbors(peer_index(name))))
             assert r.neighbours == (expected if takes_part else ()) and r.missing == ()
-    assert "peer8" in results["peer0"].rounds[join].neighbours or any(
-        "peer8" in results[n].rounds[join].neighbours for n in names)
-    assert all("peer3" not in results[n].rounds[r].neighbours for n in names for r in range(5, 11))
+    assert len(results["peer8"].rounds[join].neighbours) == 2  # random_regular d=2: it has its two at once
+    assert results["peer8"].rounds[join].steps == 2  # trained from the shared init, not before it joined
+    assert all("peer3" not in results[n].rounds[r].neighbours for n in names for r in range(5, 9))
     simulated = run_job(config, workspace, "validation", seed=0, graph=graph)
     assert records(results) == records(simulated.peers)
