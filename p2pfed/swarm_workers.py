@@ -207,7 +207,7 @@ def _serve(connection, share: WorkerShare) -> dict[str, PeerResult]:
     async def main() -> None:
         finished = trio.Event()
         async with network.running(), trio.open_nursery() as nursery:
-            nursery.start_soon(_run_peers, peers, results, finished)
+            nursery.start_soon(run_peers, peers, results, finished)
             await _exchange(connection, clock, network, outbox, notes, finished)
 
     try:
@@ -217,11 +217,13 @@ def _serve(connection, share: WorkerShare) -> dict[str, PeerResult]:
     return results
 
 
-async def _run_peers(peers: list[PeerLoop], results: dict[str, PeerResult], finished: trio.Event) -> None:
+async def run_peers(peers: list[PeerLoop], results: dict[str, PeerResult], finished: trio.Event | None = None) -> None:
+    """Every peer's run as a trio task, each result into `results`; then `finished` is set."""
     async with trio.open_nursery() as nursery:
         for peer in peers:
             nursery.start_soon(_run_into, peer, results)
-    finished.set()
+    if finished is not None:
+        finished.set()
 
 
 async def _run_into(peer: PeerLoop, results: dict[str, PeerResult]) -> None:
@@ -258,4 +260,4 @@ def _send_error(connection, error: BaseException) -> None:
         connection.send(("error", RuntimeError(f"{type(error).__name__}: {error}")))
 
 
-__all__: list[Any] = ["PRELOAD", "WorkerShare", "run_spread", "split", "serve"]
+__all__: list[Any] = ["PRELOAD", "WorkerShare", "run_peers", "run_spread", "split", "serve"]
