@@ -9,6 +9,7 @@ from pathlib import Path
 
 from p2pfed.config import ExperimentConfig, peer_index
 from p2pfed.load import to_dict
+from p2pfed.routing import print_routing_table, routing_summary
 from p2pfed.strategies import parse_scheme
 
 
@@ -48,6 +49,8 @@ def summarize(config: ExperimentConfig | None, results, clean_results=()) -> dic
         }
         if all(p.selected is not None for job in jobs for p in job.peers.values()):
             schemes[scheme]["selected"] = _selected_summary(jobs)
+        if routing := routing_summary(jobs):
+            schemes[scheme]["routing"] = routing  # CoMiGS: the specialists' share by data group
         if config is not None and config.attack:
             schemes[scheme]["attack"] = _attack_summary(config, jobs, [r for r in clean_results if r.scheme == scheme])
     first = results[0]
@@ -161,6 +164,7 @@ def print_table(summary: dict, console=None) -> None:
     profiles = next(iter(schemes.values())).get("by_profile", {})
     if len(profiles) > 1:
         _print_profile_table(summary, console)
+    print_routing_table(summary, console)
 
 
 def _print_attack_table(summary: dict, console) -> None:

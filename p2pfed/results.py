@@ -76,6 +76,9 @@ class SchemeResult:
     same_group_trust: float | None  # mean weight on self and same-group peers (each seed's groups); None: no trust
     attack: AttackResult | None = None
     selected: SelectedResult | None = None  # None: training.select_best was off
+    # CoMiGS: per data group, per expert layer kind, the specialists' share of the gate weight
+    # ({"mean", "min", "max"} over the group's peers and seeds); {} without expert layers.
+    routing: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, data: dict) -> SchemeResult:
@@ -86,7 +89,8 @@ class SchemeResult:
             by_profile={name: ProfileResult(**row) for name, row in data.get("by_profile", {}).items()},
             same_group_trust=data.get("same_group_trust"),
             attack=AttackResult(**data["attack"]) if "attack" in data else None,
-            selected=SelectedResult(**data["selected"]) if "selected" in data else None)
+            selected=SelectedResult(**data["selected"]) if "selected" in data else None,
+            routing=data.get("routing", {}))
 
     def to_json(self) -> dict:
         data = {"test_ppl_mean": self.test_ppl_mean, "test_ppl_std": self.test_ppl_std, "per_peer": self.per_peer,
@@ -100,6 +104,8 @@ class SchemeResult:
             data["selected"] = dataclasses.asdict(self.selected)
         if self.attack is not None:
             data["attack"] = self.attack.to_json()
+        if self.routing:
+            data["routing"] = self.routing
         return data
 
 

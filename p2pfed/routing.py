@@ -70,3 +70,47 @@ def routing_shares(host: AdapterHost, adapter: Mapping[str, torch.Tensor], block
         for handle in handles:
             handle.remove()
     return tally.shares()
+
+
+# ---------------------------------------------------------------------------
+# In a run's summary: the specialists' share by data group (report.py).
+
+def specialist_share(routing: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """Per layer kind, the share of the gate weight that went to specialists (s1, s2, ...)."""
+    return {kind: sum(v for label, v in shares.items() if label.startswith("s")) for kind, shares in routing.items()}
+
+
+def routing_summary(jobs) -> dict[str, dict[str, dict[str, float]]]:
+    """Per data group (each seed's groups), per layer kind: the specialists' share in each peer's last evaluated
+    round, mean, min and max over the group's peers and the seeds. {} for schemes without expert layers."""
+    shares: dict[str, dict[str, list[float]]] = {}
+    for job in jobs:
+        for name, peer in job.peers.items():
+            last = next((r.routing for r in reversed(peer.rounds) if r.routing), None)
+            if last is None:
+                continue
+            group = job.groups.get(name, "-") if job.groups else "-"
+            for kind, share in specialist_share(last).items():
+                shares.setdefault(group, {}).setdefault(kind, []).append(share)
+    return {group: {kind: {"mean": sum(v) / len(v), "min": min(v), "max": max(v)} for kind, v in kinds.items()}
+            for group, kinds in sorted(shares.items())}
+
+
+def print_routing_table(summary: dict, console) -> None:
+    """The specialists' share of the gate weight by scheme and data group, for schemes with expert layers."""
+    from rich.table import Table
+
+    rows = {name: row["routing"] for name, row in summary["schemes"].items() if row.get("routing")}
+    if not rows:
+        return
+    kinds = sorted({kind for groups in rows.values() for kinds in groups.values() for kind in kinds})
+    table = Table(title="Routing: the specialists' share of the gate weight on the test split, last evaluated "
+                        "round, mean [min, max] over a group's peers and seeds")
+    for column in ("scheme", "group", *kinds):
+        table.add_column(column, justify="left" if column in ("scheme", "group") else "right")
+    for name, groups in rows.items():
+        for group, by_kind in groups.items():
+            cells = [f"{c['mean']:.2f} [{c['min']:.2f}, {c['max']:.2f}]" if (c := by_kind.get(kind)) else "-"
+                     for kind in kinds]
+            table.add_row(name, group, *cells)
+    console.print(table)

@@ -4,6 +4,7 @@ routers (and only them), routing does not reach back into the layer input, and r
 from __future__ import annotations
 
 
+import pytest
 import torch
 from torch import nn
 
@@ -113,3 +114,31 @@ def test_generalists_only_runs_the_generalist_as_a_plain_lora():
     assert all(torch.equal(t, no_generalists[n]) for n, t in generalists_only(no_generalists).items())
     plain = {"h.0.attn.lora_A": torch.ones(2, 3), "h.0.attn.lora_B": torch.zeros(3, 2)}
     assert generalists_only(plain) == plain
+
+
+def test_the_report_shows_the_specialists_share_by_group():
+    from rich.console import Console
+
+    from p2pfed.records import PeerResult, RoundRecord
+    from p2pfed.report import print_table, summarize
+    from p2pfed.results import SchemeResult
+
+    def peer(name, share):
+        routing = {"mlp.c_fc": {"g1": 1 - share, "s1": share}}
+        return PeerResult(name, [RoundRecord(0, 0, None, 20.0, {}, (), 0),
+                                 RoundRecord(1, 5, 3.0, 18.0, {}, (), 9, routing=routing)])
+
+    class Job:
+        scheme, seed, graph_edges = "comigs-1g1s", 0, []
+        profiles = {"peer0": "default", "peer1": "default", "peer2": "default"}
+        groups = {"peer0": "english", "peer1": "english", "peer2": "italian"}
+        peers = {"peer0": peer("peer0", 0.2), "peer1": peer("peer1", 0.4), "peer2": peer("peer2", 0.7)}
+
+    summary = summarize(None, [Job()])
+    routing = summary["schemes"]["comigs-1g1s"]["routing"]
+    assert routing["english"]["mlp.c_fc"] == pytest.approx({"mean": 0.3, "min": 0.2, "max": 0.4})
+    assert routing["italian"]["mlp.c_fc"]["mean"] == pytest.approx(0.7)
+    assert SchemeResult.from_json(summary["schemes"]["comigs-1g1s"]).routing == routing
+    console = Console(record=True, width=200)
+    print_table(summary, console)
+    assert "0.30 [0.20, 0.40]" in console.export_text()
