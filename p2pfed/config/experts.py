@@ -14,7 +14,7 @@ class ExpertsConfig:
     top_k: int = 2  # experts kept per token (clipped to the layer's number of experts)
     router_every: int = 2  # expert steps between router phases
     router_steps: int = 1  # router-only steps on the validation split per phase
-    router_lr: float = 1e-3
+    router_lr: float = 1e-2  # 1e-3 barely moved the gates in 10 rounds (docs/algorithms.md, section 2)
     load_balancing: float = 0.01  # weight of the load-balancing loss (only where top_k < experts)
     # Dotted suffixes of module paths; empty: the model family's MLP linears. Attention keeps a plain LoRA.
     target_modules: tuple[str, ...] = ()
