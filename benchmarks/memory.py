@@ -6,7 +6,7 @@ trains, sends, scores its two neighbours, aggregates and evaluates) and reports 
 RSS once the workspace was open (the base model and the corpus) and the wall time. The job is one process,
 so its peak is the peak summed over its processes. "off" is the swarm without p2pfed.memory's trim (the
 trim patched to do nothing): glibc keeping the heap pages that activations freed. "on" is the swarm as it is: a
-HeapTrimmer per job, trimming once the model work since the last trim is 50 times what that trim took.
+HeapTrimmer per job, trimming whenever resident memory has grown by 64 MB since the last trim.
 
 The built-in corpus has text for a few dozen peers' disjoint splits, not 1,000: the script writes a synthetic
 corpus (seeded pseudo-words, two groups, just enough blocks for every peer) into a temporary folder and points

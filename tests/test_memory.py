@@ -1,38 +1,54 @@
-"""p2pfed.memory: the heap trimmer of in-process peers spends at most its share of the time trimming."""
+"""p2pfed.memory: in-process peers trim the heap when resident memory has grown, not after every pass."""
 
 import platform
-import time
 
 import trio
 
 from p2pfed import memory
 
-
-def timed(spent: list[float], seconds: float):
-    start = time.perf_counter()
-    time.sleep(seconds)
-    spent.append(time.perf_counter() - start)
-    return True
+MB = 1 << 20
 
 
-def test_the_trimmer_trims_again_only_after_enough_work_to_pay_for_it(monkeypatch):
-    trims: list[float] = []
-    work: list[float] = []
-    monkeypatch.setattr(memory, "trim_heap", lambda: timed(trims, 0.02))  # a trim as slow as on a large heap
-    trimmer = memory.HeapTrimmer(share=0.25)
-    results = []
+def test_the_trimmer_trims_only_after_resident_memory_grew_by_its_step(monkeypatch):
+    resident = [100 * MB]  # what /proc would say; each pass below grows it, a trim gives half the growth back
+    trims = []
+
+    def trim() -> bool:
+        trims.append(resident[0])
+        resident[0] -= 5 * MB
+        return True
+
+    monkeypatch.setattr(memory, "resident_bytes", lambda: resident[0])
+    monkeypatch.setattr(memory, "trim_heap", trim)
+    trimmer = memory.HeapTrimmer(growth=32 * MB)
+
+    def work(i: int) -> int:
+        resident[0] += 10 * MB
+        return i
 
     async def main():
-        for i in range(40):
-            results.append(await trimmer(lambda i=i: timed(work, 0.005) and i))
+        return [await trimmer(lambda i=i: work(i)) for i in range(12)]
+
+    assert trio.run(main) == list(range(12))  # the work's own results, in order
+    # The first pass trims (nothing measured yet) and leaves 105 MB; the next trim waits for 32 MB more, at the
+    # first pass that reaches 137 MB or more (145), which leaves 140; then 180. Passes in between do not trim.
+    assert trims == [110 * MB, 145 * MB, 180 * MB]
+
+
+def test_a_steady_process_is_not_trimmed_after_the_first_pass(monkeypatch):
+    trims = []
+    monkeypatch.setattr(memory, "resident_bytes", lambda: 500 * MB)
+    monkeypatch.setattr(memory, "trim_heap", lambda: trims.append(1) or True)
+    trimmer = memory.HeapTrimmer()
+
+    async def main():
+        for _ in range(100):
+            await trimmer(lambda: None)
 
     trio.run(main)
-    assert results == list(range(40))  # the work's own results, in order
-    assert len(trims) >= 2  # the first pass trims at once, and it trims again once the work paid for it
-    # At most its share of the work's time, give or take the trim that starts each stretch.
-    assert sum(trims) <= 0.25 * sum(work) + max(trims)
-    assert len(trims) < 20  # not after every pass
+    assert len(trims) == 1
 
 
 def test_trim_heap_trims_where_the_c_library_is_glibc():
     assert memory.trim_heap() is (platform.libc_ver()[0] == "glibc")
+    assert memory.resident_bytes() is None or memory.resident_bytes() > MB
