@@ -128,6 +128,13 @@ class UpdateInbox:
                 chosen[sender] = rounds[max(usable)]
         return chosen
 
+    def release_before(self, round_index: int) -> None:
+        """Forget updates older than `round_index` now: from here on only rounds >= round_index can be used
+        (for_round of the next round would drop them too, but only after that round's training and wait)."""
+        for rounds in self._by_sender.values():
+            for old in [r for r in rounds if r < round_index]:
+                del rounds[old]
+
 
 class PeerLoop:
     """One participant. Construction stores references only; `run()` does the work."""
@@ -232,6 +239,7 @@ class PeerLoop:
             run = compute if rule.runs_model else self.hooks.offload
             weights = await run(partial(self._weights, rule, adapter, usable, len(neighbours), round_index))
             await compute(partial(self._aggregate, adapter, usable, weights))
+            inbox.release_before(round_index)  # the updates only this round could use: not held through the next
         evaluate_now = round_index % training.eval_every == 0 or round_index == training.rounds
         test_ppl = await compute(partial(self._test_ppl, adapter)) if evaluate_now else None
         routing = await compute(partial(self._routing, adapter)) if evaluate_now else {}
