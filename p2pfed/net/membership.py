@@ -139,13 +139,19 @@ class Membership:
         settings = self.settings
         started = trio.current_time()
         next_status = started + STATUS_EVERY_S
-        chose = not self.bootstraps()  # a founder: nobody to ask which round the swarm is in
+        # A founder (its own address among the bootstraps, or none given) may be the first member; it still asks
+        # the other bootstraps, and a swarm that turns out to be running already makes it a newcomer.
+        founder = len(self.bootstraps()) < len(settings.bootstrap) or not settings.bootstrap
+        chose = False
         with trio.move_on_after(settings.startup_timeout_s):
             while True:
                 if not chose:
                     chose = await self._ask_bootstraps()
-                else:
+                if chose or founder:
                     await self._sync_unsynced()
+                    if not chose and max(self.rounds_heard.values(), default=0) >= 1:
+                        self._choose_join_round()
+                        chose = True
                     if self._ready():
                         break
                 if trio.current_time() >= next_status:
@@ -153,7 +159,7 @@ class Membership:
                     next_status += STATUS_EVERY_S
                 await trio.sleep(0.25)
         waited = trio.current_time() - started
-        if not chose and not self.view.others():
+        if not chose and not founder and not self.view.others():
             raise JoinError(f"bootstrap: no member of swarm {settings.swarm!r} answered in {waited:.0f} s: "
                             + "; ".join(f"{addr} ({self.errors.get(pid, 'no answer')})"
                                         for pid, addr in self.bootstraps()))
