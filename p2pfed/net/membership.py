@@ -185,15 +185,13 @@ class Membership:
     def _choose_join_round(self) -> None:
         """Take part from the planned round, or, in a swarm already running (members past round 0), two rounds
         after where they are (the median, so one member's claim cannot hold a newcomer back), so that this
-        record reaches everyone before the swarm gets there. A restarted member keeps its round."""
+        record reaches everyone before the swarm gets there. A restarted member rejoins the same way: its
+        checkpoint is behind the swarm, and it waits for the swarm's updates of its first round."""
         settings, before = self.settings, self.view.own_seen
-        if before is not None and before.leave_round is None:
-            join = before.join_round
-        else:
-            rounds = list(self.rounds_heard.values())
-            swarm_round = statistics.median_low(rounds) if rounds else 0
-            join = max(settings.join_round, swarm_round + 2) if swarm_round >= 1 else settings.join_round
-            join = min(join, settings.last_round + 1)
+        rounds = list(self.rounds_heard.values())
+        swarm_round = statistics.median_low(rounds) if rounds else 0
+        join = max(settings.join_round, swarm_round + 2) if swarm_round >= 1 else settings.join_round
+        join = min(join, settings.last_round + 1)
         leave = settings.leave_round if settings.leave_round is None or settings.leave_round > join else None
         if (join, leave) != (self.own.join_round, self.own.leave_round) or before is not None:
             self._sign(join, leave)
