@@ -142,3 +142,18 @@ def test_the_report_shows_the_specialists_share_by_group():
     console = Console(record=True, width=200)
     print_table(summary, console)
     assert "0.30 [0.20, 0.40]" in console.export_text()
+
+
+def test_a_comigs_job_records_each_peers_routing(workspace):
+    from p2pfed.swarm import run_job
+    from tests.conftest import small_config
+
+    config = small_config("training.rounds=2", "training.local_steps=2", "profiles=[{}, {specialists=2}]")
+    result = run_job(config, workspace, "comigs-1g1s", seed=0)
+    for name, peer in result.peers.items():
+        assert peer.rounds[0].routing == {}  # before training: not recorded
+        last = peer.rounds[-1].routing
+        assert set(last) == {"mlp.c_fc", "mlp.c_proj"}
+        labels = ["g1", "s1"] if name in ("peer0", "peer2") else ["g1", "s1", "s2"]  # profiles alternate
+        for shares in last.values():
+            assert list(shares) == labels and abs(sum(shares.values()) - 1) < 1e-3
