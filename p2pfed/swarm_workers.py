@@ -21,7 +21,6 @@ import multiprocessing
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import trio
 import trio.lowlevel
@@ -260,4 +259,4 @@ def _send_error(connection, error: BaseException) -> None:
         connection.send(("error", RuntimeError(f"{type(error).__name__}: {error}")))
 
 
-__all__: list[Any] = ["PRELOAD", "WorkerShare", "run_peers", "run_spread", "split", "serve"]
+__all__ = ["PRELOAD", "WorkerShare", "run_peers", "run_spread", "split", "serve"]
