@@ -228,8 +228,8 @@ class MixtureOfLoraExperts(nn.Module):
 
         f_e is the share of the (token, kept expert) assignments that went to expert e (the top-k
         mask averaged over tokens, divided by k, so that f sums to 1), P_e the router's mean
-        probability for e; uniform routing gives 1. Only P carries a gradient: it reaches the
-        routers (and, through the layer input, earlier layers).
+        probability for e; uniform routing gives 1. Only P carries a gradient, and it reaches the
+        routers alone (their input is detached): training.ExpertTrainer adds it in the router phase.
 
         It describes the last forward pass, whichever peer's tensors the layer pointed at then:
         take it inside the same pass, before the layer runs again.
