@@ -47,7 +47,6 @@ class SwarmMember:
     finished_round: int = 0  # the last round this peer finished: what it tells newcomers
     own_id: str = ""
     neighbours_by_round: dict[int, tuple[str, ...] | None] = field(default_factory=dict)
-    nursery: trio.Nursery | None = None
 
     def schedule(self) -> SwarmSchedule:
         config = self.config
@@ -64,7 +63,6 @@ class SwarmMember:
 
         self.membership = Membership(member_settings(self.config), key_pair, endpoint, lambda: self.finished_round)
         self.own_id = self.membership.own_id
-        self.membership.keep = self._is_neighbour
         self.membership.open()
 
     async def join(self, nursery: trio.Nursery) -> None:
@@ -72,7 +70,6 @@ class SwarmMember:
         from p2pfed.config import ConfigError
         from p2pfed.net.membership import JoinError
 
-        self.nursery = nursery  # where old neighbours' connections are closed as rounds change
         nursery.start_soon(self.membership.run)  # refreshing our record already while we wait for the others
         try:
             await self.membership.join()
@@ -105,13 +102,6 @@ class SwarmMember:
         (Path(state_dir) / MEMBERS_FILE).write_text(json.dumps({"swarm": self.config.swarm, "members": members},
                                                                indent=1), encoding="utf-8")
 
-    def _is_neighbour(self, peer_id: str) -> bool:
-        """Whether `peer_id` is a neighbour in the latest round whose neighbours are known (or none is yet)."""
-        if not self.neighbours_by_round:
-            return True
-        latest = self.neighbours_by_round[max(self.neighbours_by_round)] or ()
-        return any(self.membership.ids.get(name) == peer_id for name in latest)
-
     def _members_at(self, round_index: int) -> list:
         return self.membership.view.members(round_index) if self.membership is not None else []
 
@@ -125,9 +115,6 @@ class SwarmMember:
             return
         added = [n for n in neighbours if n not in (before or ())]
         dropped = [n for n in (before or ()) if n not in neighbours]
-        for name in dropped:  # its connection is closed; if it is a member still, gossip may dial it briefly
-            if self.nursery is not None and name in self.membership.ids:
-                self.nursery.start_soon(self.membership.disconnect, self.membership.ids[name])
         log.info("%s: round %d: neighbours %s%s%s (from %d members)", self.config.name, round_index,
                  ", ".join(neighbours) or "(none)", f"; new {', '.join(added)}" if before and added else "",
                  f"; dropped {', '.join(dropped)}" if dropped else "", len(self._members_at(round_index)))

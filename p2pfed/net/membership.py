@@ -68,6 +68,7 @@ FANOUT = 2  # members exchanged with per gossip period
 MAX_SERVING = 4  # membership streams answered at once; more are reset
 STRANGER_BURST, STRANGER_EVERY_S = 16, 1.0  # non-members admitted after Noise: a burst, then one a second
 STATUS_EVERY_S = 5.0
+DIAL_WAIT_S = 3.0  # of two members not connected yet, the one with the larger peer ID waits this long to dial
 
 
 class JoinError(Exception):
@@ -106,9 +107,7 @@ class Membership:
         self.errors: dict[str, str] = {}  # peer ID -> why the last exchange with it failed
         self.rounds_heard: dict[str, int] = {}  # peer ID -> the round it said it was in
         self.leaving: set[str] = set()  # members whose leave round was logged
-        # Whether to keep the connection to a member after gossiping with it: the peer's current neighbours only,
-        # so that a large swarm does not leave every member connected to every other.
-        self.keep: Callable[[str], bool] = lambda peer_id: True
+        self.known_since: dict[str, float] = {}  # peer ID -> when its first record came
         self._seq = 0
         self._serving = trio.Semaphore(MAX_SERVING)
         self._strangers = (float(STRANGER_BURST), 0.0)  # tokens, when last counted
@@ -236,10 +235,10 @@ class Membership:
             await self._sync_unsynced()
             others = self.view.others()
             for record in self._random.sample(others, min(FANOUT, len(others))):
-                await self._try(record.peer_id, record.addrs, "sync")
-                if not self.keep(record.peer_id):
-                    await self.disconnect(record.peer_id)
+                if self._may_dial(record.peer_id):
+                    await self._try(record.peer_id, record.addrs, "sync")
             for record in self.view.expire(trio.current_time()):
+                self.known_since.pop(record.peer_id, None)
                 log.warning("%s: %s (%s) left the swarm: no fresh record for %.0f s", self.settings.name,
                             record.name, record.peer_id, self.settings.member_timeout_s)
             self._apply()
@@ -254,19 +253,19 @@ class Membership:
                 for record in self.view.others():
                     nursery.start_soon(self._try, record.peer_id, record.addrs, "sync")
 
-    async def disconnect(self, peer_id: str) -> None:
-        """Close the connection to a member (no longer a neighbour); a later exchange or send dials it again."""
-        with trio.CancelScope(shield=True), trio.move_on_after(2.0):
-            try:
-                await self.endpoint.host.disconnect(parse_peer_id(peer_id))
-            except Exception as error:
-                log.debug("%s: disconnecting %s failed: %s", self.settings.name, peer_id, error)
-
     async def _sync_unsynced(self) -> None:
         for record in self.view.others():
-            if record.peer_id not in self.synced:
+            if record.peer_id not in self.synced and self._may_dial(record.peer_id):
                 await self._try(record.peer_id, record.addrs, "sync")
         self._apply()
+
+    def _may_dial(self, peer_id: str) -> bool:
+        """Two members that learn of each other at once would dial each other at once, and py-libp2p then keeps
+        two connections that it trims apart, losing streams opened on them meanwhile: of two members not yet
+        connected, the one with the smaller peer ID dials, the other only after DIAL_WAIT_S."""
+        if peer_id > self.own_id or self.endpoint.connected(peer_id):
+            return True
+        return trio.current_time() - self.known_since.get(peer_id, 0.0) >= DIAL_WAIT_S
 
     async def _try(self, peer_id: str, addrs, kind: str) -> None:
         try:
@@ -361,6 +360,8 @@ class Membership:
                 answer = encode_message(self.settings.swarm, "sync", self.current_round(), self.view.signed())
                 await _write_message(stream, answer)
                 await stream.close()  # the dialler reads the answer, then closes its side
+                if message.kind == "sync" and remote in self.view.records:
+                    self.synced.add(remote)  # it keeps our records, our own newest among them
         except (MembershipError, trio.TooSlowError, *STREAM_ERRORS) as error:
             await reset_stream(stream)
             if self.view.note_refused(remote, type(error).__name__):
@@ -383,6 +384,8 @@ class Membership:
                 self.leaving.add(record.peer_id)
                 log.info("%s: %s (%s) leaves the swarm from round %d", self.settings.name, record.name,
                          record.peer_id, record.leave_round)
+            if record is not None and record.peer_id not in self.known_since:
+                self.known_since[record.peer_id] = trio.current_time()
             if record is not None and record.peer_id != sender:
                 self.synced.discard(record.peer_id)  # a member we never talked to: tell it about us
         if changed:
