@@ -177,18 +177,24 @@ class Membership:
             except Exception as error:
                 self.errors[pid] = _reason(error)
                 continue
+            # Peers of a running swarm can be rounds apart: ask every member where it is, then choose.
+            async with trio.open_nursery() as nursery:
+                for record in self.view.others():
+                    if record.peer_id != pid:
+                        nursery.start_soon(self._try, record.peer_id, record.addrs, "join")
             self._choose_join_round()
             return True
         return False
 
     def _choose_join_round(self) -> None:
         """Take part from the planned round, or, in a swarm already running (members past round 0), two rounds
-        after where they are (the median, so one member's claim cannot hold a newcomer back), so that this
-        record reaches everyone before the swarm gets there. A restarted member rejoins the same way: its
-        checkpoint is behind the swarm, and it waits for the swarm's updates of its first round."""
+        after the furthest member's last finished round (members can be rounds apart), so that this record
+        reaches everyone before they get there; but at most four after the median, so that one member's claim
+        cannot hold a newcomer back for long. A restarted member rejoins the same way: its checkpoint is behind
+        the swarm, and it waits for the swarm's updates of its first round."""
         settings, before = self.settings, self.view.own_seen
         rounds = list(self.rounds_heard.values())
-        swarm_round = statistics.median_low(rounds) if rounds else 0
+        swarm_round = min(max(rounds), statistics.median_low(rounds) + 2) if rounds else 0
         join = max(settings.join_round, swarm_round + 2) if swarm_round >= 1 else settings.join_round
         join = min(join, settings.last_round + 1)
         leave = settings.leave_round if settings.leave_round is None or settings.leave_round > join else None
