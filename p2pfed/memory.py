@@ -64,12 +64,14 @@ class HeapTrimmer:
     """
 
     growth: int = 64 << 20
-    _after_last: int = 0  # resident bytes right after the last trim
+    _after_last: int | None = None  # resident bytes right after the last trim (or the first pass)
 
     async def __call__(self, work: Callable[[], T]) -> T:
         try:
             return work()
         finally:
             resident = resident_bytes()
-            if resident is not None and resident - self._after_last >= self.growth and trim_heap():
+            if resident is not None and self._after_last is None:
+                self._after_last = resident  # the first pass sets the baseline: a steady swarm never trims
+            elif resident is not None and resident - self._after_last >= self.growth and trim_heap():
                 self._after_last = resident_bytes() or 0
