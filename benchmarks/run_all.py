@@ -61,6 +61,12 @@ BENCHMARKS: list[tuple[str, Callable, list[Check]]] = [
     ("libp2p_swarm_round", lambda m: m.main(), [
         ("4-process libp2p / in-process round time", "ratio_libp2p_over_inprocess", None, "(info)"),
     ]),
+    # Needs root (network namespaces): without it, it prints why and reports n/a.
+    ("link_latency", lambda m: m.main(), [
+        ("round time, 20 ms links / 0 ms", "ratio_20ms", None, "(info)"),
+        ("round time, 100 ms links / 0 ms", "ratio_100ms", None, "(info)"),
+        ("round time, 20 ms + 1% loss / 0 ms", "ratio_loss", None, "(info)"),
+    ]),
     ("strangers", lambda m: m.main(), [
         ("stranger connections: RSS MB per 1,000", "rss_mb_per_1000", lambda mb: mb < 50, "< 50"),
         ("a neighbour delivers after them (1 = yes)", "neighbour_delivered", lambda ok: ok == 1, "= 1"),
