@@ -104,6 +104,24 @@ def test_the_relay_delays_each_way_keeps_bytes_in_order_and_passes_a_half_close(
     assert counts.connections == 1 and counts.bytes == 2 * len(blob) + 6 and counts.held == 0
 
 
+def test_a_relay_whose_target_is_down_resets_the_dialler_at_once():
+    async def main():
+        nobody = trio.socket.socket()
+        await nobody.bind(("127.0.0.1", 0))  # a port that is bound but not listening: connections are refused
+        relay = Relay([Route(("127.0.0.1", 0), nobody.getsockname())], Link(0.01))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(relay.serve)
+            stream = await trio.open_tcp_stream(*relay.bound[0])
+            with trio.fail_after(2), pytest.raises(trio.BrokenResourceError):
+                await stream.receive_some(10)  # not an orderly end of stream: a reset
+            nursery.cancel_scope.cancel()
+        nobody.close()
+        return relay.counts
+
+    counts = trio.run(main)
+    assert (counts.failed_connects, counts.connections) == (1, 0)
+
+
 def test_a_lossy_relay_holds_some_chunks_by_a_retransmission_timeout():
     async def main():
         async def echo(stream):
@@ -229,12 +247,13 @@ def expected_neighbours(run: LabRun, swarm: str | None) -> dict[str, tuple[str, 
 def check_finished_on_topology(run: LabRun, swarm: str | None, rounds: int) -> None:
     expected = expected_neighbours(run, swarm)
     assert len({len(n) for n in expected.values()}) == 1 and len(next(iter(expected.values()))) < len(expected) - 1
+    logs = "\n".join(f"== {path.name}\n{path.read_text()}" for path in sorted(run.folder.glob("*.log")))
     for name, result in run.results.items():
         assert run.exit_codes[name] == 0
         assert [r.round for r in result.rounds] == list(range(rounds + 1))
         for record in result.rounds[1:]:
             assert record.neighbours == expected[name], (name, record)
-            assert record.missing == ()  # every neighbour's update arrived in time
+            assert record.missing == (), (name, record, logs)  # every neighbour's update arrived in time
             assert set(record.trust) == {name, *expected[name]}
         assert (run.folder / name / "result.json").is_file()
         assert set(run.round_times[name]) == set(range(rounds + 1))

@@ -17,6 +17,7 @@ import math
 import random
 import signal
 import socket
+import struct
 import sys
 from dataclasses import dataclass, field
 
@@ -139,7 +140,10 @@ class Relay:
                     upstream = await trio.open_tcp_stream(*route.target)
             except (OSError, trio.TooSlowError):
                 self.counts.failed_connects += 1
-                await trio.aclose_forcefully(client)  # the dialler sees the refusal it would have seen
+                # The dialler's handshake is done, so it cannot be refused any more; a reset (linger 0) is the
+                # nearest thing: its dial fails at once, as against a port nobody listens on.
+                client.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                await trio.aclose_forcefully(client)
                 return
             self.counts.connections += 1
             try:
