@@ -60,29 +60,39 @@ def test_a_link_delays_by_its_latency_and_holds_about_the_share_of_chunks_that_l
             Link(**bad)
 
 
+async def _echo_behind_relay(nursery, link: Link) -> tuple[trio.SocketStream, Relay]:
+    """An echo server on loopback, a relay in front of it with `link`, and a stream dialled through the relay."""
+    async def echo(stream):
+        async with stream:
+            while data := await stream.receive_some(65536):
+                await stream.send_all(data)
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    relay = Relay([Route(("127.0.0.1", 0), listeners[0].socket.getsockname()[:2])], link)
+    nursery.start_soon(trio.serve_listeners, echo, listeners)
+    await nursery.start(relay.serve)
+    return await trio.open_tcp_stream(*relay.bound[0]), relay
+
+
+async def _round_trips(stream: trio.SocketStream, count: int) -> list[float]:
+    """Seconds for each of `count` one-byte echoes, one after another."""
+    trips = []
+    for _ in range(count):
+        start = trio.current_time()
+        await stream.send_all(b"x")
+        assert await stream.receive_some(10) == b"x"
+        trips.append(trio.current_time() - start)
+    return trips
+
+
 def test_the_relay_delays_each_way_keeps_bytes_in_order_and_passes_a_half_close():
     latency = 0.05
     blob = random.Random(3).randbytes(3_000_000)
 
     async def main():
-        async def echo(stream):
-            async with stream:
-                while data := await stream.receive_some(65536):
-                    await stream.send_all(data)
-
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        target = listeners[0].socket.getsockname()[:2]
-        relay = Relay([Route(("127.0.0.1", 0), target)], Link(latency))
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(trio.serve_listeners, echo, listeners)
-            await nursery.start(relay.serve)
-            stream = await trio.open_tcp_stream(*relay.bound[0])
-            trips = []
-            for _ in range(3):
-                start = trio.current_time()
-                await stream.send_all(b"x")
-                assert await stream.receive_some(10) == b"x"
-                trips.append(trio.current_time() - start)
+            stream, relay = await _echo_behind_relay(nursery, Link(latency))
+            trips = await _round_trips(stream, 3)
             got = bytearray()
 
             async def send():
@@ -124,23 +134,9 @@ def test_a_relay_whose_target_is_down_resets_the_dialler_at_once():
 
 def test_a_lossy_relay_holds_some_chunks_by_a_retransmission_timeout():
     async def main():
-        async def echo(stream):
-            async with stream:
-                while data := await stream.receive_some(65536):
-                    await stream.send_all(data)
-
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        relay = Relay([Route(("127.0.0.1", 0), listeners[0].socket.getsockname()[:2])], Link(0.0, 0.5, seed=4))
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(trio.serve_listeners, echo, listeners)
-            await nursery.start(relay.serve)
-            stream = await trio.open_tcp_stream(*relay.bound[0])
-            trips = []
-            for _ in range(8):
-                start = trio.current_time()
-                await stream.send_all(b"x")
-                assert await stream.receive_some(10) == b"x"
-                trips.append(trio.current_time() - start)
+            stream, relay = await _echo_behind_relay(nursery, Link(0.0, 0.5, seed=4))
+            trips = await _round_trips(stream, 8)
             nursery.cancel_scope.cancel()
         return trips, relay.counts
 
