@@ -46,3 +46,19 @@ def run_peer_fed_by(network, peer, feed):
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     return result["peer"]
+
+
+def run_failing_only_in_workers(tmp_path, monkeypatch, args: list[str]) -> int:
+    """`p2pfed run ARGS` on a data folder whose English group is empty, with the caller's checks skipped, so
+    that the processes running the jobs (workers or Ray tasks) are the first to meet the error; its exit status."""
+    import p2pfed.api
+    import p2pfed.cli
+    import p2pfed.experiment
+
+    monkeypatch.setattr(p2pfed.api, "check_experiment", lambda *args, **kwargs: None)
+    monkeypatch.setattr(p2pfed.experiment, "check_experiment", lambda *args, **kwargs: None)
+    (tmp_path / "data" / "english").mkdir(parents=True)
+    (tmp_path / "data" / "italian.txt").write_text("ciao, come stai? " * 400)
+    code = p2pfed.cli.main(["run", "examples/default.toml", *args, "--set", f'data.source="{tmp_path / "data"}"',
+                            "--out", str(tmp_path / "run")])
+    return code

@@ -6,6 +6,7 @@ import pytest
 
 from p2pfed.cli import main
 from p2pfed.strategies import parse_scheme
+from tests.conftest import run_failing_only_in_workers
 
 
 def test_run_writes_results_and_plots_then_report_redraws(tmp_path, capsys):
@@ -138,15 +139,6 @@ def test_worker_side_mistakes_are_one_line_exit_2_and_no_run_folder(tmp_path, ca
 
 @pytest.mark.slow
 def test_an_error_met_only_in_a_worker_process_is_the_same_one_line(tmp_path, capsys, monkeypatch):
-    import p2pfed.api
-    import p2pfed.experiment
-
-    # Skip the parent's checks, so that the worker processes are the first to open the empty group folder.
-    monkeypatch.setattr(p2pfed.api, "check_experiment", lambda *args, **kwargs: None)
-    monkeypatch.setattr(p2pfed.experiment, "check_experiment", lambda *args, **kwargs: None)
-    (tmp_path / "data" / "english").mkdir(parents=True)
-    (tmp_path / "data" / "italian.txt").write_text("ciao, come stai? " * 400)
-    code = main(["run", "examples/default.toml", *TINY, "--set", "workers=2", "--set",
-                 f'data.source="{tmp_path / "data"}"', "--out", str(tmp_path / "run")])
+    code = run_failing_only_in_workers(tmp_path, monkeypatch, [*TINY, "--set", "workers=2"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "holds no .txt files" in err and "Traceback" not in err, err

@@ -11,7 +11,7 @@ from p2pfed.api import Swarm
 from p2pfed.cli import main
 from p2pfed.experiment import Listener
 from p2pfed.peer import RoundFinished
-from tests.conftest import small_config
+from tests.conftest import run_failing_only_in_workers, small_config
 
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
                                reason="Ray is not installed: pip install 'p2pfed[ray]' (make test installs it)")
@@ -69,16 +69,7 @@ def test_a_sweep_on_ray_writes_the_same_job_records(tmp_path):
 @needs_ray
 @pytest.mark.slow
 def test_an_error_in_a_ray_task_is_the_same_one_line(tmp_path, capsys, monkeypatch):
-    import p2pfed.api
-    import p2pfed.experiment
-
-    # Skip the caller's checks, so that the Ray task is the first to open the empty group folder.
-    monkeypatch.setattr(p2pfed.api, "check_experiment", lambda *args, **kwargs: None)
-    monkeypatch.setattr(p2pfed.experiment, "check_experiment", lambda *args, **kwargs: None)
-    (tmp_path / "data" / "english").mkdir(parents=True)
-    (tmp_path / "data" / "italian.txt").write_text("ciao, come stai? " * 400)
-    code = main(["run", "examples/default.toml", *TINY, "--engine", "ray", "--set",
-                 f'data.source="{tmp_path / "data"}"', "--out", str(tmp_path / "run")])
+    code = run_failing_only_in_workers(tmp_path, monkeypatch, [*TINY, "--engine", "ray"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "holds no .txt files" in err and "Traceback" not in err, err
 
