@@ -90,13 +90,62 @@ def test_round_trip_half_precision_error(encoding, tolerance):
         assert relative.max() <= tolerance, name
 
 
-def test_decoded_tensors_are_writable_and_owned():
-    data = encode_update(make_message())
-    decoded = decode_update(data)
-    tensor = next(iter(decoded.tensors.values()))
-    before = bytes(data)
-    tensor.add_(1.0)  # would fail or corrupt the input if it shared the received buffer
-    assert data == before
+def payload_span(payload) -> tuple[int, int]:
+    start = torch.frombuffer(payload, dtype=torch.uint8).data_ptr()
+    return start, start + len(payload)
+
+
+def test_fp32_tensors_view_the_received_buffer_and_half_precision_ones_are_converted():
+    for payload_of in (bytes, bytearray):  # in-process payloads are bytes; libp2p frame bodies are bytes too
+        payload = payload_of(encode_update(make_message()))
+        start, end = payload_span(payload)
+        for name, tensor in decode_update(payload).tensors.items():
+            assert start <= tensor.data_ptr() and tensor.data_ptr() + tensor.nbytes <= end, name  # no copy
+            assert tensor.data_ptr() % 4 == 0
+    for encoding in ("fp16", "bf16"):
+        payload = bytearray(encode_update(make_message(), encoding))
+        start, end = payload_span(payload)
+        assert not any(start <= t.data_ptr() < end for t in decode_update(payload).tensors.values())
+
+
+def test_a_received_tensor_keeps_its_buffer_alive():
+    tensor = decode_update(bytes(encode_update(make_message()))).tensors["base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"]
+    assert torch.equal(tensor, make_tensors()["base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"])
+
+
+def test_every_data_field_is_aligned_whatever_the_names_and_shapes():
+    for sender in ("p", "peer-10", "a-much-longer-peer-name"):
+        for names in (("a",), ("ab", "abc", "abcd"), ("x" * 37, "y")):
+            tensors = {name: torch.randn(i + 1, 3) for i, name in enumerate(names)}
+            payload = bytearray(encode_update(make_message(sender=sender, tensors=tensors)))
+            start, end = payload_span(payload)
+            decoded = decode_update(payload)
+            assert all((t.data_ptr() - start) % 4 == 0 and start <= t.data_ptr() < end for t in decoded.tensors.values())
+            assert all(torch.equal(decoded.tensors[n], t) for n, t in tensors.items())
+
+
+def test_any_valid_encoding_decodes_the_same_copied_where_it_cannot_be_viewed():
+    """Shortest-form msgpack (how the format was first written) puts data anywhere: copied, same values."""
+    message = make_message()
+    plain = bytearray(pack(msgpack.unpackb(encode_update(message), raw=False)))
+    start, end = payload_span(plain)
+    decoded = decode_update(plain)
+    for name, tensor in message.tensors.items():
+        assert torch.equal(decoded.tensors[name], tensor)
+        viewed = start <= decoded.tensors[name].data_ptr() < end
+        assert viewed == (bytes(plain).find(tensor.numpy().tobytes()) % 4 == 0), name
+
+
+def test_duplicate_keys_never_pair_a_tensor_with_another_tensors_bytes():
+    """msgpack keeps the last of duplicate keys; the bytes a tensor views must still be its own."""
+    first, second = torch.full((4,), 1.0), torch.full((4,), 2.0)
+    entry = lambda t: {"dtype": "float32", "shape": [4], "data": t.numpy().tobytes()}  # noqa: E731
+    head = pack({k: v for k, v in raw_message().items() if k != "tensors"})[1:]  # the top map's pairs, its header cut
+    # {"t1": 5, "t2": <second>, "t1": <first>} as msgpack: "t1" ends up first in the dict, with the last bin
+    tensors = b"\x83" + pack("t1") + pack(5) + pack("t2") + pack(entry(second)) + pack("t1") + pack(entry(first))
+    payload = bytes([0x86]) + head + pack("tensors") + tensors
+    decoded = decode_update(payload)
+    assert torch.equal(decoded.tensors["t1"], first) and torch.equal(decoded.tensors["t2"], second)
 
 
 def test_encode_accepts_non_contiguous_grad_and_odd_shapes():
@@ -492,7 +541,7 @@ def test_buffers_of_other_formats_and_layouts():
     data = encode_update(make_message())
     assert decode_update(memoryview(data)).sender == "peer-3"
     assert decode_update(bytearray(data)).sender == "peer-3"
-    padded = data + b"\x00" * (-len(data) % 4)
+    padded = data + bytes(4 - len(data) % 4)  # 1 to 4 bytes after the message, a whole number of uint32
     with pytest.raises(WireError, match="bytes after the message"):
         decode_update(memoryview(padded).cast("I"))  # read as bytes, whatever the item format
     with pytest.raises(WireError):
