@@ -306,7 +306,7 @@ def test_a_wrong_bootstrap_peer_id_or_no_bootstrap_fails_the_join_with_the_reaso
 
 def test_strangers_get_through_noise_only_within_the_budget_and_get_no_answer_without_a_record():
     from p2pfed.net.identity import parse_peer_id
-    from p2pfed.net.membership import STRANGER_BURST
+    from p2pfed.net.member_gate import STRANGER_BURST
     from p2pfed.net.stranger import dial_strangers
 
     async def body(stack, members):
@@ -320,7 +320,7 @@ def test_strangers_get_through_noise_only_within_the_budget_and_get_no_answer_wi
 
 def test_a_dialler_without_a_record_of_its_own_or_with_an_oversized_message_gets_no_answer():
     from p2pfed.net.identity import parse_peer_id
-    from p2pfed.net.membership import LENGTH, MEMBERS_PROTOCOL
+    from p2pfed.net.member_streams import LENGTH, MEMBERS_PROTOCOL
 
     async def body(stack, members):
         asker = members[2]

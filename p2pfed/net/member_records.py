@@ -20,6 +20,7 @@ import msgpack
 from libp2p.crypto.ed25519 import Ed25519PublicKey
 from libp2p.crypto.keys import KeyPair
 from libp2p.peer.id import ID
+from multiaddr import Multiaddr
 
 from p2pfed.config.checks import PEER_NAME
 from p2pfed.config.peer import MAX_SWARM_PEERS, SWARM_NAME
@@ -31,8 +32,14 @@ MAX_ADDRS = 8
 MAX_ADDR_CHARS = 256
 MAX_ROUND = 1 << 31
 MAX_SEQ = 1 << 62
+DIALABLE = (("ip4", "tcp"), ("ip6", "tcp"))  # what members dial: no names to resolve, no other transports
 MAX_BODY_BYTES = 2048  # a record's body: 8 addresses of 256 characters fit
 MAX_MESSAGE_BYTES = 64 + MAX_SWARM_PEERS * 2 * (MAX_BODY_BYTES + 128)  # every member, twice over (left ones)
+
+
+def message_bytes_cap(num_peers: int) -> int:
+    """The largest message a member of a swarm of `num_peers` reads: its records, twice over."""
+    return 64 + min(num_peers, MAX_SWARM_PEERS) * 2 * (MAX_BODY_BYTES + 128)
 
 
 class MembershipError(ValueError):
@@ -80,6 +87,7 @@ def sign_record(key_pair: KeyPair, record: MemberRecord) -> SignedRecord:
     if ID.from_pubkey(key_pair.public_key).to_base58() != record.peer_id:
         raise ValueError("a member signs its own record only")
     check_record(record)
+    check_addrs(record)
     return SignedRecord(record, key_pair.public_key.to_bytes(), key_pair.private_key.sign(DOMAIN + record.body()))
 
 
@@ -107,6 +115,7 @@ def verify(raw: object) -> SignedRecord:
         raise MembershipError(f"a record for {record.peer_id} is signed by another key ({owner})")
     if not key.verify(DOMAIN + body, signature):
         raise MembershipError(f"the signature of {record.peer_id}'s record does not verify")
+    check_addrs(record)  # here, not in peek: parsing 8 multiaddrs per relayed record would cost every exchange
     return SignedRecord(record, key_bytes, signature)
 
 
@@ -149,6 +158,23 @@ def check_record(record: MemberRecord) -> None:
     if record.leave_round is not None:
         _check_int(record.leave_round, "leave round", record.join_round + 1, MAX_ROUND)
     _check_int(record.seq, "seq", 0, MAX_SEQ)
+
+
+def check_addrs(record: MemberRecord) -> None:
+    """Every address must be /ip4 or /ip6, then /tcp/PORT (1-65535), optionally /p2p/ and the record's own ID:
+    members dial these, and an address that does not parse would otherwise fail where the neighbour is added."""
+    for addr in record.addrs:
+        head, sep, tail = addr.partition("/p2p/")
+        if sep and tail != record.peer_id:
+            raise MembershipError(f"{record.peer_id}'s address {addr!r} names another peer")
+        try:
+            parsed = Multiaddr(head)
+            names = tuple(p.name for p in parsed.protocols())
+            port = int(parsed.value_for_protocol("tcp")) if names in DIALABLE else 0
+        except Exception:
+            port = 0
+        if not 1 <= port <= 65535:
+            raise MembershipError(f"{record.peer_id}'s address {addr[:80]!r} is not /ip4 or /ip6 with /tcp/PORT")
 
 
 def _record_of(fields: object) -> MemberRecord:

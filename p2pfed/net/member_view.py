@@ -27,12 +27,13 @@ class MemberView:
     timeout_s: float
     records: dict[str, SignedRecord] = field(default_factory=dict)  # peer ID -> its newest accepted record
     fresh_at: dict[str, float] = field(default_factory=dict)  # peer ID -> when its seq last rose
+    holders: dict[str, str] = field(default_factory=dict)  # name -> the peer ID that holds it (one lookup)
     dropped: dict[str, int] = field(default_factory=dict)  # peer ID -> the seq it was dropped with
     own_seen: MemberRecord | None = None  # the newest record of this peer's own ID met (from a run before)
     refused: set[tuple[str, str]] = field(default_factory=set)  # (peer ID, reason) already logged
 
     def set_own(self, signed: SignedRecord, now: float) -> None:
-        self.records[self.own_id] = signed
+        self._put(signed)
         self.fresh_at[self.own_id] = now
 
     def offer(self, raw: object, now: float) -> MemberRecord | None:
@@ -46,7 +47,14 @@ class MemberView:
         known = self.records.get(seen.peer_id)
         if (known is not None and known.record.seq >= seen.seq) or seen.seq <= self.dropped.get(seen.peer_id, -1):
             return None  # nothing new: no signature check
+        self._check_fits(seen, known is not None)  # before the signature: a refused record costs no check
         record = verify(raw).record
+        self._put(SignedRecord(record, *raw[1:]))
+        self.fresh_at[record.peer_id] = now
+        self.dropped.pop(record.peer_id, None)
+        return record
+
+    def _check_fits(self, record: MemberRecord, known: bool) -> None:
         if record.swarm != self.swarm:
             raise MembershipError(f"{record.peer_id}'s record is for swarm {record.swarm!r}, not {self.swarm!r}")
         if peer_index(record.name) >= self.num_peers:
@@ -55,12 +63,8 @@ class MemberView:
         holder = self.holder(record.name)
         if holder is not None and holder != record.peer_id:
             raise MembershipError(f"{record.peer_id} claims {record.name}, which {holder} holds")
-        if known is None and len(self.records) >= self.num_peers:
+        if not known and len(self.records) >= self.num_peers:
             raise MembershipError(f"{record.peer_id}'s record is one more than the {self.num_peers} members kept")
-        self.records[record.peer_id] = SignedRecord(record, *raw[1:])
-        self.fresh_at[record.peer_id] = now
-        self.dropped.pop(record.peer_id, None)
-        return record
 
     def touch(self, peer_id: str, now: float) -> None:
         """A member answered us directly: it is alive, whatever its record's age."""
@@ -68,14 +72,21 @@ class MemberView:
             self.fresh_at[peer_id] = now
 
     def holder(self, name: str) -> str | None:
-        return next((pid for pid, s in self.records.items() if s.record.name == name), None)
+        return self.holders.get(name)
+
+    def _put(self, signed: SignedRecord) -> None:
+        known = self.records.get(signed.record.peer_id)
+        if known is not None:
+            self.holders.pop(known.record.name, None)  # a newer record may name another name: the old one is free
+        self.records[signed.record.peer_id] = signed
+        self.holders[signed.record.name] = signed.record.peer_id
 
     def expire(self, now: float) -> list[MemberRecord]:
         """Drop the members not refreshed for timeout_s (never this peer); the dropped records."""
         gone = [s.record for pid, s in self.records.items()
                 if pid != self.own_id and now - self.fresh_at[pid] > self.timeout_s]
         for record in gone:
-            del self.records[record.peer_id], self.fresh_at[record.peer_id]
+            del self.records[record.peer_id], self.fresh_at[record.peer_id], self.holders[record.name]
             self.dropped[record.peer_id] = record.seq
         while len(self.dropped) > 4 * self.num_peers:  # bounded: the oldest drops are forgotten first
             del self.dropped[next(iter(self.dropped))]
@@ -93,9 +104,12 @@ class MemberView:
         return [self.records[pid] for pid in sorted(self.records)]
 
     def note_refused(self, peer_id: str, reason: str) -> bool:
-        """Whether this refusal is new (log it once per peer and reason); bounded like the records."""
+        """Whether this refusal is new (log it once per peer and reason); bounded like the records. A full set
+        starts over rather than staying full: a flood of distinct refusals must not silence later ones."""
         key = (peer_id, reason)
-        if key in self.refused or len(self.refused) >= 4 * self.num_peers:
+        if key in self.refused:
             return False
+        if len(self.refused) >= 4 * self.num_peers:
+            self.refused.clear()
         self.refused.add(key)
         return True

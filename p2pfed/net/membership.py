@@ -12,61 +12,40 @@ num_peers members (<= 1024) of ~200 bytes each. A member re-signs its record (se
 exchanges with FANOUT random members every GOSSIP_EVERY_S; one not refreshed for member_timeout_s is dropped.
 
 Strangers: libp2p hands over a dialler only after Noise has authenticated its peer ID. Members (whose records
-we hold) are admitted; anyone else only within a small budget (STRANGER_BURST, then one per STRANGER_EVERY_S),
-and gets an answer only if its message carries a valid record of its own, of this swarm. Update streams stay
-for members (the endpoint's neighbours), which is what every member of the swarm becomes.
+we hold) are admitted; anyone else only within a small budget (p2pfed.net.member_gate: a few exchanges, slots
+of its own, its connection closed after a grace period), gets an answer only if its message carries a valid
+record of its own, of this swarm, and introduces only itself (relayed records are taken from members only).
+Update streams stay for members (the endpoint's neighbours), which is what every member of the swarm becomes.
 """
 
 from __future__ import annotations
 
-import contextvars
 import logging
 import random
 import statistics
-import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
 from libp2p.crypto.keys import KeyPair
-from libp2p.custom_types import TProtocol
 from libp2p.peer.peerinfo import PeerInfo
 
-from p2pfed.net.dialling import dial_failure, quiet_dials
-from p2pfed.net.framing import STREAM_ERRORS, read_upto, reset_stream
+from p2pfed.net.dialling import quiet_dials
+from p2pfed.net.framing import STREAM_ERRORS, reset_stream
 from p2pfed.net.identity import dial_addrs, parse_peer_id, peer_id_of
-from p2pfed.net.member_records import (MAX_MESSAGE_BYTES, MemberRecord, MembershipError, decode_message,
-                                       encode_message, peek, sign_record, verify)
+from p2pfed.net.member_gate import RETRY_FIRST_S, RETRY_MAX_S, StrangerGate
+from p2pfed.net.member_records import (MemberRecord, MembershipError, decode_message, encode_message,
+                                       message_bytes_cap, peek, sign_record, verify)
+from p2pfed.net.member_streams import (EXCHANGE_TIMEOUT_S, MEMBERS_PROTOCOL, exchanging, read_message, reason,
+                                       write_message)
 from p2pfed.net.member_view import MemberView
 
 log = logging.getLogger(__name__)
 
-# libp2p logs a failed stream open to a member that is going away at error level, many lines long: within an
-# exchange (whose failure is kept as one short reason) those records go to debug level.
-_exchanging: contextvars.ContextVar[bool] = contextvars.ContextVar("p2pfed_membership_exchange", default=False)
-
-
-class _ExchangeRecordsToDebug(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        # Members gossip with a member that is shutting down; its libp2p then logs each connection it can no
-        # longer take (a LifecycleError) with a traceback: harmless, so at debug level too.
-        closing = str(record.msg).startswith("[ADDCONN_FAIL]") and "LifecycleError" in str(record.args)[:300]
-        if record.levelno > logging.DEBUG and (_exchanging.get() or closing):
-            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-        return True
-
-
-for _logger in ("libp2p.host.basic_host", "libp2p.network.swarm"):
-    logging.getLogger(_logger).addFilter(_ExchangeRecordsToDebug())
-
-MEMBERS_PROTOCOL = TProtocol("/p2pfed/members/1")
-LENGTH = struct.Struct(">I")
-EXCHANGE_TIMEOUT_S = 5.0  # one exchange: dial, send, answer
 GOSSIP_EVERY_S = 1.0
 FANOUT = 2  # members exchanged with per gossip period
-MAX_SERVING = 4  # membership streams answered at once; more are reset
-STRANGER_BURST, STRANGER_EVERY_S = 16, 1.0  # non-members admitted after Noise: a burst, then one a second
+MAX_DIALLING = 8  # exchanges a member starts at once: one member that never answers costs one slot, not a turn
 STATUS_EVERY_S = 5.0
 DIAL_WAIT_S = 3.0  # of two members not connected yet, the one with the larger peer ID waits this long to dial
 
@@ -108,9 +87,10 @@ class Membership:
         self.rounds_heard: dict[str, int] = {}  # peer ID -> the round it said it was in
         self.leaving: set[str] = set()  # members whose leave round was logged
         self.known_since: dict[str, float] = {}  # peer ID -> when its first record came
+        self.retry_at: dict[str, tuple[float, float]] = {}  # peer ID -> (when to redial, the wait before that)
+        self.gate = StrangerGate()
         self._seq = 0
-        self._serving = trio.Semaphore(MAX_SERVING)
-        self._strangers = (float(STRANGER_BURST), 0.0)  # tokens, when last counted
+        self._dialling = trio.CapacityLimiter(MAX_DIALLING)
         self._random = random.Random(self.own_id)  # whom to gossip with: not the process-wide random state
 
     @property
@@ -175,7 +155,7 @@ class Membership:
             try:
                 await self.exchange(pid, [addr], "join")
             except Exception as error:
-                self.errors[pid] = _reason(error)
+                self.errors[pid] = reason(error)
                 continue
             # Peers of a running swarm can be rounds apart: ask every member where it is, then choose.
             async with trio.open_nursery() as nursery:
@@ -243,11 +223,9 @@ class Membership:
             for record in self._random.sample(others, min(FANOUT, len(others))):
                 if self._may_dial(record.peer_id):
                     await self._try(record.peer_id, record.addrs, "sync")
-            for record in self.view.expire(trio.current_time()):
-                self.known_since.pop(record.peer_id, None)
-                log.warning("%s: %s (%s) left the swarm: no fresh record for %.0f s", self.settings.name,
-                            record.name, record.peer_id, self.settings.member_timeout_s)
+            self.expire(trio.current_time())
             self._apply()
+            await self.close_overstayed()
 
     async def announce_leave(self, leave_round: int, timeout: float = 2.0) -> None:
         """Re-sign our record to leave from `leave_round` and tell the members we can reach within `timeout`."""
@@ -260,24 +238,62 @@ class Membership:
                     nursery.start_soon(self._try, record.peer_id, record.addrs, "sync")
 
     async def _sync_unsynced(self) -> None:
-        for record in self.view.others():
-            if record.peer_id not in self.synced and self._may_dial(record.peer_id):
-                await self._try(record.peer_id, record.addrs, "sync")
+        # At once (at most MAX_DIALLING): a member whose addresses never answer costs one exchange's timeout, not
+        # one per such member in turn.
+        async with trio.open_nursery() as nursery:
+            for record in self.view.others():
+                if record.peer_id not in self.synced and self._may_dial(record.peer_id):
+                    nursery.start_soon(self._try, record.peer_id, record.addrs, "sync")
         self._apply()
+
+    async def close_overstayed(self) -> None:
+        """Close the connections of strangers admitted more than STRANGER_GRACE_S ago that are not members."""
+        network = self.endpoint.host.get_network()
+        for pid in self.gate.overstayed(trio.current_time()):
+            if pid not in self.view.records:
+                with trio.move_on_after(EXCHANGE_TIMEOUT_S):
+                    try:
+                        await network.close_peer(parse_peer_id(pid))
+                    except Exception as error:  # closing is best effort: it may be gone already
+                        log.debug("%s: closing %s's connection: %s", self.settings.name, pid, error)
+
+    def expire(self, now: float) -> None:
+        """Drop the members not refreshed for member_timeout_s, and everything kept about them."""
+        for record in self.view.expire(now):
+            self._forget(record.peer_id)
+            log.warning("%s: %s (%s) left the swarm: no fresh record for %.0f s", self.settings.name,
+                        record.name, record.peer_id, self.settings.member_timeout_s)
+
+    def _forget(self, peer_id: str) -> None:
+        """A member that left: nothing of it is kept (per-peer state stays bounded by the members)."""
+        for table in (self.known_since, self.rounds_heard, self.errors, self.retry_at):
+            table.pop(peer_id, None)
+        self.leaving.discard(peer_id)
+        self.synced.discard(peer_id)
 
     def _may_dial(self, peer_id: str) -> bool:
         """Two members that learn of each other at once would dial each other at once, and py-libp2p then keeps
         two connections that it trims apart, losing streams opened on them meanwhile: of two members not yet
-        connected, the one with the smaller peer ID dials, the other only after DIAL_WAIT_S."""
+        connected, the one with the smaller peer ID dials, the other only after DIAL_WAIT_S. One whose exchange
+        failed is redialled after a wait that doubles up to RETRY_MAX_S: members' addresses are the members' word,
+        and one listing another host's address must not make every member dial it every second."""
+        if trio.current_time() < self.retry_at.get(peer_id, (0.0, 0.0))[0]:
+            return False
         if peer_id > self.own_id or self.endpoint.connected(peer_id):
             return True
         return trio.current_time() - self.known_since.get(peer_id, 0.0) >= DIAL_WAIT_S
 
     async def _try(self, peer_id: str, addrs, kind: str) -> None:
         try:
-            await self.exchange(peer_id, addrs, kind)
+            async with self._dialling:
+                await self.exchange(peer_id, addrs, kind)
         except Exception as error:  # not up yet, gone, or misbehaving: the view's timeout decides
-            self.errors[peer_id] = _reason(error)
+            self.errors[peer_id] = reason(error)
+            if peer_id in self.view.records:
+                wait = min(RETRY_MAX_S, 2 * self.retry_at.get(peer_id, (0.0, RETRY_FIRST_S / 2))[1])
+                self.retry_at[peer_id] = (trio.current_time() + wait, wait)
+        else:
+            self.retry_at.pop(peer_id, None)
 
     def _sign(self, join_round: int, leave_round: int | None) -> None:
         seen = self.view.own_seen.seq if self.view.own_seen is not None else 0
@@ -295,7 +311,10 @@ class Membership:
         for pid, record in live.items():
             state = self.endpoint.neighbours.get(pid)
             if state is None or [str(a) for a in state.addrs] != list(record.addrs):
-                self.endpoint.add_neighbour(pid, record.addrs)
+                try:
+                    self.endpoint.add_neighbour(pid, record.addrs)
+                except ValueError as error:  # member_records.check_addrs refuses these first: never expected
+                    log.warning("%s: %s's addresses are not dialable: %s", self.settings.name, pid, error)
         self.ids.clear()
         self.ids.update({r.name: r.peer_id for r in live.values()})
 
@@ -305,7 +324,7 @@ class Membership:
         """Send our records to `peer_id` ("sync": it keeps them; "join": it only answers) and take its answer."""
         pid, host = parse_peer_id(peer_id), self.endpoint.host
         payload = encode_message(self.settings.swarm, kind, self.current_round(), self._outgoing(kind))
-        token = _exchanging.set(True)
+        token = exchanging.set(True)
         try:
             with trio.fail_after(EXCHANGE_TIMEOUT_S), quiet_dials():
                 if not host.get_network().get_connections(pid):
@@ -314,7 +333,7 @@ class Membership:
                     await host.connect(PeerInfo(pid, dial_addrs(peer_id, addrs)))
                 answer = await self._ask(host, pid, payload)
         finally:
-            _exchanging.reset(token)
+            exchanging.reset(token)
         if answer.swarm != self.settings.swarm:
             raise MembershipError(f"{peer_id} is a member of swarm {answer.swarm!r}")
         self.rounds_heard[peer_id] = answer.round
@@ -326,12 +345,11 @@ class Membership:
         if kind == "sync":
             self.synced.add(peer_id)
 
-    @staticmethod
-    async def _ask(host, pid, payload: bytes):
+    async def _ask(self, host, pid, payload: bytes):
         stream = await host.new_stream(pid, [MEMBERS_PROTOCOL])
         try:
-            await _write_message(stream, payload)
-            answer = decode_message(await _read_message(stream))
+            await write_message(stream, payload)
+            answer = decode_message(await read_message(stream, message_bytes_cap(self.settings.num_peers)))
         except BaseException:
             await reset_stream(stream)
             raise
@@ -344,39 +362,50 @@ class Membership:
     async def _handle(self, stream) -> None:
         """libp2p runs this for each inbound stream on MEMBERS_PROTOCOL."""
         remote = stream.muxed_conn.peer_id.to_base58()  # authenticated by Noise
-        try:
-            self._serving.acquire_nowait()
-        except trio.WouldBlock:
+        member = remote in self.view.records
+        refused = self.gate.start(remote, member, trio.current_time())
+        if refused is not None:
             await reset_stream(stream)
+            if self.view.note_refused(remote, refused):
+                log.info("%s: refused a membership exchange from %s: %s", self.settings.name, remote, refused)
             return
         try:
             with trio.fail_after(EXCHANGE_TIMEOUT_S):
-                message = decode_message(await _read_message(stream))
-                if message.swarm != self.settings.swarm:
-                    raise MembershipError(f"it asked for swarm {message.swarm!r}")
-                own = [raw for raw in message.records if peek(raw).peer_id == remote]
-                if not own:
-                    raise MembershipError("its message holds no record of its own")
-                verify(own[0])
-                if message.kind == "sync":
-                    self._take(remote, message.records)
-                    if remote in self.view.records:  # members only: strangers leave nothing behind
-                        self.rounds_heard[remote] = message.round
-                        self.view.touch(remote, trio.current_time())
-                answer = encode_message(self.settings.swarm, "sync", self.current_round(), self.view.signed())
-                await _write_message(stream, answer)
-                await stream.close()  # the dialler reads the answer, then closes its side
-                if message.kind == "sync" and remote in self.view.records:
-                    self.synced.add(remote)  # it keeps our records, our own newest among them
-        except (MembershipError, trio.TooSlowError, *STREAM_ERRORS) as error:
+                await self._serve(stream, remote, member)
+        except Exception as error:  # whatever a peer sent: one line, and the member carries on
             await reset_stream(stream)
             if self.view.note_refused(remote, type(error).__name__):
                 log.info("%s: refused a membership exchange from %s: %s", self.settings.name, remote,
-                         _reason(error))
+                         reason(error) if isinstance(error, (MembershipError, trio.TooSlowError, *STREAM_ERRORS))
+                         else f"{type(error).__name__}: {str(error)[:200]}")
         finally:
-            self._serving.release()
+            self.gate.finish(remote, member)
+
+    async def _serve(self, stream, remote: str, member: bool) -> None:
+        message = decode_message(await read_message(stream, message_bytes_cap(self.settings.num_peers)))
+        if message.swarm != self.settings.swarm:
+            raise MembershipError(f"it asked for swarm {message.swarm!r}")
+        own = [raw for raw in message.records if peek(raw).peer_id == remote]
+        if not own:
+            raise MembershipError("its message holds no record of its own")
+        newest = max(own, key=lambda raw: peek(raw).seq)
+        verify(newest)
+        if message.kind == "sync":
+            # A stranger introduces itself only: relayed records come from members, so one connection cannot
+            # fill the swarm's free names with records of keys made for the purpose.
+            self._take(remote, message.records if member else [newest])
+            if remote in self.view.records:  # members only: strangers leave nothing behind
+                self.rounds_heard[remote] = message.round
+                self.view.touch(remote, trio.current_time())
+        answer = encode_message(self.settings.swarm, "sync", self.current_round(), self.view.signed())
+        await write_message(stream, answer)
+        await stream.close()  # the dialler reads the answer, then closes its side
+        if message.kind == "sync" and remote in self.view.records:
+            self.synced.add(remote)  # it keeps our records, our own newest among them
 
     def _take(self, sender: str, records) -> None:
+        if len(records) > 2 * self.settings.num_peers:
+            raise MembershipError(f"{len(records)} records is over twice the swarm's {self.settings.num_peers}")
         changed = False
         for raw in records:
             try:
@@ -392,6 +421,8 @@ class Membership:
                          record.peer_id, record.leave_round)
             if record is not None and record.peer_id not in self.known_since:
                 self.known_since[record.peer_id] = trio.current_time()
+            if record is not None:
+                self.retry_at.pop(record.peer_id, None)  # new addresses, say: worth dialling at once
             if record is not None and record.peer_id != sender:
                 self.synced.discard(record.peer_id)  # a member we never talked to: tell it about us
         if changed:
@@ -399,36 +430,4 @@ class Membership:
 
     def _admit(self, peer_id: str) -> bool:
         """Whether a dialler that is not a member may keep its connection (to ask to join): a token budget."""
-        tokens, then = self._strangers
-        now = trio.current_time()
-        tokens = min(float(STRANGER_BURST), tokens + (now - then) / STRANGER_EVERY_S)
-        admitted = tokens >= 1.0
-        self._strangers = (tokens - 1.0 if admitted else tokens, now)
-        return admitted
-
-
-async def _write_message(stream, payload: bytes) -> None:
-    # Small, and shielded like every write on a shared connection: a write cut off half-way can wedge Noise.
-    with trio.CancelScope(shield=True, deadline=trio.current_time() + EXCHANGE_TIMEOUT_S):
-        await stream.write(LENGTH.pack(len(payload)) + payload)
-
-
-async def _read_message(stream) -> bytes:
-    head = await read_upto(stream, LENGTH.size)
-    if len(head) < LENGTH.size:
-        raise MembershipError("the stream ended before a message")
-    (length,) = LENGTH.unpack(head)
-    if length > MAX_MESSAGE_BYTES:
-        raise MembershipError(f"a membership message of {length} bytes is over {MAX_MESSAGE_BYTES}")
-    body = await read_upto(stream, length)
-    if len(body) < length:
-        raise MembershipError("the stream ended inside a message")
-    return body
-
-
-def _reason(error: BaseException) -> str:
-    if isinstance(error, trio.TooSlowError):
-        return f"no answer within {EXCHANGE_TIMEOUT_S:g} s"
-    if isinstance(error, MembershipError):
-        return str(error)
-    return dial_failure(error)
+        return self.gate.admit(peer_id, trio.current_time())
