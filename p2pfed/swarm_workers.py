@@ -12,7 +12,9 @@ Between two such exchanges the workers train, score and aggregate at the same ti
 
 Worker processes come from a fork server that imports torch, transformers and p2pfed once (forking a process
 that already runs torch's or trio's threads is unsafe), and load the frozen base themselves. They ignore
-Ctrl-C: the parent stops them.
+Ctrl-C: the parent stops them. What crosses processes is pickled, so only this user's processes can reach it:
+the parent talks to each worker over an anonymous socket pair, and the fork server's socket is used only
+where it is private to this user (`forkserver_is_private`; spawn otherwise).
 """
 
 from __future__ import annotations
@@ -113,11 +115,22 @@ def run_spread(config: ExperimentConfig, seed: int, specs: list[PeerSpec], data:
 
 
 def _context():
-    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() and forkserver_is_private() \
+        else "spawn"
     context = multiprocessing.get_context(method)
     if method == "forkserver":
         context.set_forkserver_preload(PRELOAD)  # read when the server first starts; later calls change nothing
     return context
+
+
+def forkserver_is_private() -> bool:
+    """Whether multiprocessing's fork server would listen where only this user can connect. It unpickles what
+    a client sends (and runs it in the child it forks), so its socket must not be reachable by anyone else:
+    from Python 3.11.1 (CVE-2022-42919) it is a file of mode 0600 in a 0700 directory; before, on Linux, it
+    was in the abstract namespace, where any local user could connect. There: spawn instead."""
+    from multiprocessing import connection, util
+
+    return not util.is_abstract_socket_namespace(connection.arbitrary_address("AF_UNIX"))
 
 
 def _drive(connections, processes, home: dict[str, int], on_round, on_update) -> dict[str, PeerResult]:
@@ -259,4 +272,4 @@ def _send_error(connection, error: BaseException) -> None:
         connection.send(("error", RuntimeError(f"{type(error).__name__}: {error}")))
 
 
-__all__ = ["PRELOAD", "WorkerShare", "run_peers", "run_spread", "split", "serve"]
+__all__ = ["PRELOAD", "WorkerShare", "forkserver_is_private", "run_peers", "run_spread", "split", "serve"]

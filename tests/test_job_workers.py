@@ -6,7 +6,7 @@ import pytest
 
 from p2pfed.checkpoint import CheckpointError
 from p2pfed.swarm import run_job
-from p2pfed.swarm_workers import split
+from p2pfed.swarm_workers import _context, forkserver_is_private, split
 from tests.conftest import small_config
 
 
@@ -55,3 +55,16 @@ def test_an_error_in_a_worker_is_raised_as_itself(workspace, tmp_path):
     run_job(config, workspace, "fedavg", seed=0, state_root=tmp_path)
     with pytest.raises(CheckpointError, match="holds the checkpoint of"):
         run_job(config, workspace, "validation", seed=0, state_root=tmp_path)
+
+
+def test_the_fork_server_listens_only_where_this_user_can_connect(monkeypatch):
+    # It unpickles what a client sends: a socket in Linux's abstract namespace (Python < 3.11.1) would let any
+    # local user run code as this one. Its directory is this user's alone, so spawn is used only elsewhere.
+    import multiprocessing.connection
+    import os
+    import stat
+
+    address = multiprocessing.connection.arbitrary_address("AF_UNIX")
+    assert forkserver_is_private() and stat.S_IMODE(os.stat(os.path.dirname(address)).st_mode) == 0o700
+    monkeypatch.setattr(multiprocessing.connection, "arbitrary_address", lambda family: "\0listener-abstract")
+    assert not forkserver_is_private() and _context().get_start_method() == "spawn"
