@@ -102,7 +102,12 @@ class PeerHooks:
 
 class UpdateInbox:
     """Neighbours' updates by round. A fast neighbour's next-round update waits here for the next round
-    instead of replacing the one this round needs; an update at most one round stale stands in for a late one."""
+    instead of replacing the one this round needs; an update at most one round stale stands in for a late one.
+
+    What it holds is bounded: at most max_ahead + 2 updates per sender (rounds r-1 to r+max_ahead), senders
+    only the peer's possible neighbours (PeerLoop._collect drops others), each update within
+    network.max_message_bytes and, unless ranks may differ, exactly the shapes of the peer's own shared tensors.
+    """
 
     def __init__(self, max_ahead: int):
         self.max_ahead = max_ahead
@@ -127,6 +132,10 @@ class UpdateInbox:
             if usable:
                 chosen[sender] = rounds[max(usable)]
         return chosen
+
+    def held(self) -> int:
+        """How many updates the inbox holds now."""
+        return sum(len(rounds) for rounds in self._by_sender.values())
 
     def release_before(self, round_index: int) -> None:
         """Forget updates older than `round_index` now: from here on only rounds >= round_index can be used
@@ -337,6 +346,7 @@ class PeerLoop:
     def _check(self, sender: str, payload: bytes, expected_shapes, norm_bound: float) -> wire.UpdateMessage:
         """Decode a neighbour's payload and check it; raises (wire.WireError, ValueError) on anything wrong."""
         limits = wire.WireLimits(max_bytes=self.spec.network.max_message_bytes)
+        # Its float32 tensors view `payload`, which in-process neighbours share: read-only from here on.
         message = wire.decode_update(payload, expected_shapes, limits)
         message = dataclasses.replace(message, tensors=self.host.place(message.tensors))  # decoded on the CPU
         if message.sender != sender:
