@@ -1,4 +1,4 @@
-"""Trust against its baselines in six data settings: the README's settings table.
+"""Trust against its baselines in seven data settings: the README's settings table.
 
     python examples/settings.py [--setting NAME ...] [--scheme NAME ...] [--seeds 0 1] [--rounds 10]
                                 [--workers 2] [--out runs/settings] [--set KEY=VALUE ...] [--table-only]
@@ -7,7 +7,13 @@ Each (setting, scheme) is its own run folder, OUT/<setting>/<scheme>; one that h
 run again, so the table grows a setting or a scheme at a time and a stopped run resumes (a half-done folder is
 resumed job by job). Writes OUT/settings_table.md: per setting, test perplexity mean ± std over peers and seeds
 of the model each peer keeps (its best-validation round) and of its last round, every scheme side by side,
-and how the default trust rule ("adaptive") stands against the best of local, FedAvg and the oracle.
+and how the default trust rule ("spread") stands against the best of local, FedAvg and the oracle.
+
+Settings: six on the built-in corpus (SETTINGS below) and `python`, on text of our own that needs no download:
+the local Python's standard library, its code without docstrings and comments against those docstrings and
+comments (examples/python_text.py), written to OUT/python-text/ on first use; the same text on every run with
+the same Python version. The README's table: `python examples/settings.py` (every setting, the schemes of
+SCHEMES; under `python` it ran local, fedavg, oracle, validation and spread).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import argparse
 import json
 from pathlib import Path
 
+import python_text
 from p2pfed import Swarm
 from p2pfed.experiment import quiet_transformers
 from p2pfed.load import load_experiment
@@ -30,10 +37,13 @@ SETTINGS: dict[str, dict] = {
     "four-groups": {"data.groups": ["english", "italian", "spanish", "portuguese"]},
     "dirichlet": {"data.split": "dirichlet", "data.dirichlet_alpha": 0.5},
     "mixed": {"data.split": "mixed"},
+    # Text of our own, not in p2pfed/corpus: the local Python's standard library as code and as English prose
+    # (examples/python_text.py), written to OUT/python-text/ before the first run of this setting.
+    "python": {"data.groups": list(python_text.GROUPS)},
 }
 BASELINES = ("local", "fedavg", "oracle")
-SCHEMES = (*BASELINES, "weights", "validation", "predictions", "adaptive")
-DEFAULT = "adaptive"
+SCHEMES = (*BASELINES, "weights", "validation", "predictions", "adaptive", "spread")
+DEFAULT = "spread"
 
 
 def main() -> None:
@@ -63,10 +73,16 @@ def _run(base, setting: str, scheme: str, args, run_dir: Path) -> None:
         print(f"-> {run_dir} (done before)", flush=True)
         return
     print(f"-> {run_dir}", flush=True)
-    keys = {**SETTINGS[setting], "schemes": [scheme], "seeds": args.seeds, "workers": args.workers,
+    keys = {**SETTINGS[setting], **_text_source(setting, run_dir.parent.parent), "schemes": [scheme], "seeds": args.seeds, "workers": args.workers,
             "training.rounds": args.rounds, "name": f"{setting}-{scheme}"}
     swarm = Swarm(base, **keys)
     swarm.run(out=run_dir, resume=run_dir.is_dir(), log=lambda *_: None)
+
+
+def _text_source(setting: str, out: Path) -> dict:
+    if setting != "python":
+        return {}
+    return {"data.source": str(python_text.write_python_text(out / "python-text").resolve())}
 
 
 def _table(out: Path) -> str:

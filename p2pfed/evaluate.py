@@ -51,6 +51,15 @@ def score_window(blocks: torch.Tensor, count: int, round_index: int) -> torch.Te
     return blocks[[(start + i) % len(blocks) for i in range(count)]]
 
 
+def score_tokens(blocks: torch.Tensor, count: int) -> torch.Tensor:
+    """The first `count` tokens of every block (0, or at least a block's length: whole blocks). Scoring on a
+    prefix of every block keeps the peer's whole validation mixture at a fraction of the cost, where a window
+    of a few whole blocks may hold mostly one of its groups."""
+    if count <= 0 or count >= blocks.shape[1]:
+        return blocks
+    return blocks[:, :max(2, count)]
+
+
 def validation_scores(host: AdapterHost, candidates: Mapping[str, Mapping[str, torch.Tensor]],
                       blocks: torch.Tensor) -> dict[str, float]:
     """S_ij = - mean loss of candidate j's adapter on this peer's validation blocks."""

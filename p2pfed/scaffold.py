@@ -37,7 +37,7 @@ def add_init_command(subparsers) -> None:
     init.add_argument("--swarm", metavar="NAME",
                       help="membership mode: peers join swarm NAME through peer0's address (the bootstrap) and "
                            "derive their neighbours from the members and the topology, instead of listing them")
-    init.add_argument("--scheme", help="the peers' scheme (default: the experiment's one scheme, else validation)")
+    init.add_argument("--scheme", help="the peers' scheme (default: the experiment's one scheme, else spread)")
     init.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                       help="override an experiment key, e.g. --set training.rounds=5")
     init.set_defaults(handler=run_init)

@@ -182,6 +182,20 @@ def _predictions(inputs: TrustInputs) -> Weights:
     return _self_as_closest(scores, inputs.peer)
 
 
+@trust_rule("spread", runs_model=True)
+def _spread(inputs: TrustInputs) -> Weights:
+    """The default. Validation scores on the first trust.score_tokens tokens of every validation block (the
+    whole mixture of the peer's data at a fraction of the cost), weighed by a Gaussian kernel on their gap to
+    the best score whose width follows their spread (trust.spread_weights; docs/algorithms.md)."""
+    from p2pfed import evaluate
+
+    settings = inputs.settings
+    blocks = evaluate.score_tokens(inputs.val, settings.score_tokens)
+    scores = evaluate.validation_scores(inputs.host, inputs.candidates(), blocks)
+    return trust.spread_weights(scores, inputs.peer, settings.spread_width, settings.spread_floor,
+                                settings.spread_ceiling, settings.top_k, settings.threshold)
+
+
 @trust_rule("adaptive", runs_model=True)
 def _adaptive(inputs: TrustInputs) -> Weights:
     """Validation scores on a moving window of blocks, softmaxed at each of trust.adaptive_temperatures and

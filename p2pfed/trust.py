@@ -20,6 +20,8 @@ from p2pfed.aggregate import LoraFactors, check_same_layout
 
 __all__ = [
     "softmax_weights",
+    "spread_width",
+    "spread_weights",
     "sanitized_weights",
     "local_weights",
     "uniform_weights",
@@ -82,6 +84,49 @@ def softmax_weights(
             return local_weights(self_name, (n for n in scores if n != self_name))
         weights = _normalise(survivors)
     return weights
+
+
+def spread_width(scores: Mapping[str, float], per_spread: float, floor: float, ceiling: float) -> float:
+    """`per_spread` x the standard deviation of the finite scores, clamped to [floor, ceiling]: the width of
+    spread_weights' kernel. The floor keeps a neighbourhood with no structure (all scores within noise) from
+    having its noise magnified into sharp weights; the ceiling keeps one wild neighbour (a loss far off the
+    rest) from widening the kernel over everyone."""
+    finite = [v for v in scores.values() if math.isfinite(v)]
+    if len(finite) < 2:
+        return floor
+    # Computed on the scores divided by the largest magnitude: untrusted scores near the float range do not
+    # overflow the sum or the squares (a spread that is itself too large for a float gets the ceiling).
+    scale = max(abs(v) for v in finite)
+    if scale == 0:
+        return floor
+    unit = [v / scale for v in finite]
+    mean = math.fsum(unit) / len(unit)
+    spread = scale * math.sqrt(math.fsum((v - mean) ** 2 for v in unit) / len(unit))
+    return min(ceiling, max(floor, per_spread * spread))
+
+
+def spread_weights(
+    scores: Mapping[str, float],
+    self_name: str,
+    per_spread: float,
+    floor: float,
+    ceiling: float,
+    top_k: int = 0,
+    threshold: float | None = None,
+) -> dict[str, float]:
+    """w_j ∝ exp(-((S_best - S_j) / h)^2), h = spread_width(scores): a Gaussian kernel on each score's gap to
+    the best one. Flat while the gap is within the kernel's width (the peer's own group, as the oracle's
+    uniform row), and falling off faster than any softmax beyond it (another group gets next to nothing even
+    where it lies close). Tied to the spread, one setting of `per_spread` fits groups far apart and close ones.
+    Non-finite scores, top_k and threshold as in softmax_weights (it computes the row)."""
+    if self_name not in scores:
+        raise ValueError(f"scores must include the peer itself ({self_name!r})")
+    width = spread_width(scores, per_spread, floor, ceiling)
+    finite = [v for v in scores.values() if math.isfinite(v)]
+    best = max(finite, default=0.0)
+    # A gap of 1e100 widths already weighs exactly 0: capped there, its square stays a finite float.
+    kernel = {n: -min((best - v) / width, 1e100) ** 2 if math.isfinite(v) else -math.inf for n, v in scores.items()}
+    return softmax_weights(kernel, self_name, 1.0, top_k, threshold)
 
 
 def sanitized_weights(weights: Mapping[str, float], self_name: str) -> dict[str, float]:

@@ -36,7 +36,7 @@ def test_init_writes_peer_files_and_keys_that_load(tmp_path, monkeypatch, capsys
     addrs = [peer.listen[0] for peer in peers]
     assert len(set(addrs)) == 4 and all(a.startswith("/ip4/127.0.0.1/tcp/") for a in addrs)
     for k, peer in enumerate(peers):
-        assert (peer.name, peer.num_peers, peer.scheme) == (f"peer{k}", 4, "validation")
+        assert (peer.name, peer.num_peers, peer.scheme) == (f"peer{k}", 4, "spread")
         assert peer.key_file == str(out / f"peer{k}.key") and peer.state_dir == str(out / f"peer{k}")
         assert stat.S_IMODE((out / f"peer{k}.key").stat().st_mode) == 0o600
         # The complete graph: every other peer, with its peer ID and address.

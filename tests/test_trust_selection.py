@@ -1,4 +1,5 @@
-"""Issue 13: trust that does not lock onto the peer itself, the adaptive rule, and best-round selection."""
+"""Issue 13: trust that does not lock onto the peer itself, the adaptive and spread (default) rules, and
+best-round selection."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pfed import evaluate
-from p2pfed.config import NetworkConfig
+from p2pfed import evaluate, trust
+from p2pfed.config import ExperimentConfig, NetworkConfig, PeerConfig
 from p2pfed.checkpoint import load_checkpoint
 from p2pfed.data import batches, make_peer_data
 from p2pfed.experts import is_shared
@@ -97,6 +98,63 @@ def test_adaptive_trust_keeps_the_row_whose_aggregate_scores_best(workspace, thr
     losses = {rows: evaluate.mean_loss(host, {**adapters["peer0"], **merged}, window) for rows, merged in kept.items()}
     assert tuple(sorted(row.items())) == min(losses, key=losses.get)
     assert row["peer1"] > row["peer2"]
+
+
+def test_the_default_spread_trust_follows_the_peers_data_not_itself(workspace, three_adapters):
+    assert PeerConfig().scheme == "spread" and "spread" in ExperimentConfig().schemes
+    config, own_data, adapters = three_adapters
+    host = workspace.host
+    assert evaluate.mean_loss(host, adapters["peer1"], own_data.val) < evaluate.mean_loss(
+        host, adapters["peer0"], own_data.val)  # the premise: the neighbour is better on the peer's own data
+    inputs = _inputs(workspace, config, adapters["peer0"], {"peer1": adapters["peer1"], "peer2": adapters["peer2"]},
+                     own_data.val)
+    row = trust_weights(TRUST_RULES["spread"], inputs)
+    assert row["peer1"] > row["peer0"] > row["peer2"] and row["peer0"] < 0.5
+    assert math.fsum(row.values()) == pytest.approx(1.0)
+    # Stateless: the same inputs give the same row bit for bit, so a peer resumed from a checkpoint (which
+    # holds no trust state) weighs its neighbours as it would have without the restart.
+    assert trust_weights(TRUST_RULES["spread"], inputs) == row
+    # It scores the first trust.score_tokens tokens of every block: the row is the kernel of exactly those.
+    prefix = evaluate.score_tokens(own_data.val, config.trust.score_tokens)
+    assert prefix.shape == (len(own_data.val), config.trust.score_tokens)
+    scores = evaluate.validation_scores(host, inputs.candidates(), prefix)
+    settings_ = config.trust
+    assert row == trust.spread_weights(scores, "peer0", settings_.spread_width, settings_.spread_floor,
+                                       settings_.spread_ceiling)
+
+
+def test_the_spread_kernel_splits_far_and_close_groups_alike():
+    far = {"a": -2.0, "b": -2.01, "c": -2.4, "d": -2.41}
+    close = {n: -2.0 + (v + 2.0) / 8 for n, v in far.items()}  # the same groups, 8 times closer
+    rows = [trust.spread_weights(s, "a", 0.5, 0.001, 1.0) for s in (far, close)]
+    assert rows[0] == pytest.approx(rows[1])
+    # Flat within the own group, next to nothing outside it.
+    assert rows[0]["b"] > 0.9 * rows[0]["a"] and rows[0]["c"] + rows[0]["d"] < 1e-6
+    # The floor: scores that differ by noise only are not magnified into a sharp row; the ceiling: one wild
+    # neighbour does not widen the kernel over the other group.
+    assert trust.spread_width({"a": -2.0, "b": -2.001}, 0.5, 0.02, 0.1) == 0.02
+    noise = trust.spread_weights({"a": -2.0, "b": -2.001}, "a", 0.5, 0.02, 0.1)
+    assert noise["b"] > 0.49
+    wild = {**far, "e": -40.0}
+    assert trust.spread_width(wild, 0.5, 0.02, 0.1) == 0.1
+    assert trust.spread_weights(wild, "a", 0.5, 0.02, 0.1)["c"] < 1e-6
+    assert evaluate.score_tokens(torch.zeros(3, 8), 0).shape == (3, 8)
+    assert evaluate.score_tokens(torch.zeros(3, 8), 5).shape == (3, 5)
+
+
+@given(st.dictionaries(st.sampled_from(["b", "c", "d", "e"]), st.floats(allow_nan=True, allow_infinity=True),
+                       min_size=0, max_size=4),
+       st.floats(allow_nan=True, allow_infinity=True), st.floats(1e-3, 10.0), st.floats(1e-4, 1.0),
+       st.floats(1.0, 100.0), st.integers(0, 3))
+@settings(max_examples=300, deadline=None, derandomize=True)
+def test_spread_trust_is_a_finite_probability_vector_for_any_scores(others, own, per_spread, floor, ratio, top_k):
+    scores = {"a": own, **others}
+    assert floor <= trust.spread_width(scores, per_spread, floor, floor * ratio) <= floor * ratio
+    row = trust.spread_weights(scores, "a", per_spread, floor, floor * ratio, top_k)
+    assert set(row) == set(scores) and all(math.isfinite(w) and w >= 0 for w in row.values())
+    assert math.fsum(row.values()) == pytest.approx(1.0)
+    if math.isfinite(own) and all(math.isfinite(v) and v < own for v in others.values()):
+        assert row["a"] == max(row.values())  # the best-scored candidate is never weighed below another
 
 
 def test_the_score_window_moves_through_every_block():

@@ -36,7 +36,7 @@ class ExperimentConfig(Sections):
     name: str = "experiment"
     num_peers: int = 8
     seeds: tuple[int, ...] = (0,)
-    schemes: tuple[str, ...] = ("local", "fedavg", "validation")  # see strategies.parse_scheme
+    schemes: tuple[str, ...] = ("local", "fedavg", "spread")  # see strategies.parse_scheme
     # "inprocess": every peer in one process on an in-memory network (virtual clock);
     # "libp2p": each peer its own `p2pfed peer` process, talking libp2p over loopback.
     runtime: Literal["inprocess", "libp2p"] = "inprocess"

@@ -24,7 +24,7 @@ class PeerConfig(Sections):
     """
 
     name: str = "peer0"
-    scheme: str = "validation"  # see strategies.parse_scheme
+    scheme: str = "spread"  # see strategies.parse_scheme
     seed: int = 0  # the split, the shared adapter init and the batch order
     num_peers: int = 1
     profile: PeerProfile = field(default_factory=PeerProfile)

@@ -39,11 +39,25 @@ class TrustConfig:
     # The "adaptive" rule's candidate rows: softmaxes of its validation scores at each of these temperatures,
     # and the uniform row (FedAvg); it keeps the row whose aggregate has the lowest validation loss.
     adaptive_temperatures: tuple[float, ...] = (0.02, 0.05, 0.2)
+    # The "spread" rule (the default) scores on the first score_tokens tokens of every validation block (0: whole
+    # blocks): the peer's whole data mixture, where a window of a few whole blocks may hold mostly one group.
+    score_tokens: int = 48
+    # Its kernel's width: this many standard deviations of the round's validation scores (over the peer and its
+    # neighbours), clamped to [spread_floor, spread_ceiling] (nats of mean loss): the floor for neighbourhoods
+    # whose scores differ only by noise, the ceiling against one wild score widening the spread. Measured in
+    # seven settings: README, "Trust in six settings".
+    spread_width: float = 0.5
+    spread_floor: float = 0.02
+    spread_ceiling: float = 0.1
 
     def validate(self) -> None:
         for scheme, tau in dataclasses.asdict(self.temperature).items():
             check(tau > 0, f"trust.temperature.{scheme}", "must be positive")
         check(all(t > 0 for t in self.adaptive_temperatures), "trust.adaptive_temperatures", "must all be positive")
+        check(self.spread_width > 0, "trust.spread_width", "must be positive")
+        check(0 < self.spread_floor <= self.spread_ceiling, "trust.spread_floor",
+              "must be positive and at most trust.spread_ceiling")
+        check(self.score_tokens >= 0, "trust.score_tokens", "must not be negative (0 scores whole blocks)")
         check(self.score_blocks >= 0, "trust.score_blocks", "must not be negative (0 scores on every block)")
         check(self.top_k >= 0, "trust.top_k", "must not be negative")
         check(self.threshold is None or 0 <= self.threshold < 1, "trust.threshold", "must be in [0, 1)")
