@@ -11,12 +11,16 @@ def check_addresses(config: PeerConfig, own_id: str) -> None:
     from multiaddr import Multiaddr
 
     from p2pfed.net.identity import dial_addrs, parse_peer_id
+    from p2pfed.net.member_records import DIALABLE
 
     for i, addr in enumerate(config.listen):
         try:
-            Multiaddr(addr)
+            protocols = tuple(p.name for p in Multiaddr(addr).protocols())
         except Exception as error:
             raise ConfigError(f"listen[{i}]: {addr!r} is not a multiaddr ({error})") from error
+        if config.swarm and protocols not in DIALABLE:
+            # A member's record lists its listen addresses, and members take only these (member_records).
+            raise ConfigError(f"listen[{i}]: {addr!r}: a swarm member listens on /ip4 or /ip6 with /tcp/PORT")
     seen: set[str] = set()
     for i, neighbour in enumerate(config.neighbours):
         where = f"neighbours[{i}] ({neighbour.name})"

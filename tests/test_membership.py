@@ -285,7 +285,7 @@ def test_a_stranger_cannot_join_as_another_members_name_or_id():
         forged = [msgpack.packb(fields, use_bin_type=True), real.public_key, real.signature]
         thief._outgoing = lambda kind: [thief.view.records[IDS[5]], real]
         await thief.exchange(IDS[0], members[0].own.addrs, "sync")
-        members[0]._take(IDS[5], [forged])
+        members[0].take(IDS[5], [forged])
         assert members[0].view.records[IDS[1]].record == real.record
     with_members(2, body, joined=2, expected=2)
 

@@ -14,6 +14,7 @@ from p2pfed.net.member_gate import (MAX_SERVING, PER_MEMBER, STRANGER_EXCHANGES,
                                     StrangerGate)
 from p2pfed.net.member_records import (DOMAIN, MemberRecord, MembershipError, SignedRecord, check_addrs,
                                        sign_record, verify)
+from p2pfed.net.member_serving import close_overstayed
 from tests.test_membership import IDS, KEYS, record, settings, signed, view, with_members
 
 
@@ -144,7 +145,7 @@ def test_a_strangers_connection_is_closed_after_the_grace_period_unless_it_becam
         assert members[0].endpoint.connected(IDS[4]) and IDS[5] in members[0].view.records
         for admission in members[0].gate.admitted.values():
             admission.since -= STRANGER_GRACE_S + 1
-        await members[0].close_overstayed()
+        await close_overstayed(members[0])
         await trio.sleep(0.2)
         assert not members[0].endpoint.connected(IDS[4]) and members[0].endpoint.connected(IDS[5])
     with_members(1, body, joined=1, expected=1)
@@ -161,7 +162,7 @@ def test_a_member_that_never_answers_is_redialled_after_a_growing_wait_and_dials
         member = members[0]
         for i, key in enumerate(phantoms):
             phantom = MemberRecord("lab", peer_id_of(key), f"peer{3 + i}", ("/ip4/127.0.0.1/tcp/9",), 1, None, 5)
-            member._take(IDS[1], [sign_record(key, phantom).wire()])
+            member.take(IDS[1], [sign_record(key, phantom).wire()])
         events = []
 
         async def exchange(peer_id, addrs, kind):
@@ -194,7 +195,7 @@ def test_a_member_that_left_leaves_no_state_behind():
 def test_a_message_with_more_records_than_twice_the_swarm_is_refused_whole():
     async def body(stack, members):
         with pytest.raises(MembershipError, match="over twice"):
-            members[0]._take(IDS[1], [signed(1)] * (2 * members[0].settings.num_peers + 1))
+            members[0].take(IDS[1], [signed(1)] * (2 * members[0].settings.num_peers + 1))
     with_members(1, body)
 
 
@@ -228,3 +229,40 @@ def test_a_record_body_must_be_canonical_fields_of_the_right_types():
     body = msgpack.packb(["lab", IDS[1], "peer1", ["/ip4/127.0.0.1/tcp/1"], 1.5, 0, 1], use_bin_type=True)
     with pytest.raises(MembershipError, match="join round"):
         verify([body, KEYS[1].public_key.to_bytes(), KEYS[1].private_key.sign(DOMAIN + body)])
+
+
+def test_a_message_of_many_refused_records_is_one_log_line_and_one_exchange_at_a_time_per_member(caplog):
+    fakes = [identity_from_seed(5000 + i) for i in range(5)]
+
+    async def body(stack, members):
+        member = members[0]
+        junk = [sign_record(key, dataclasses.replace(record(0, name="peer1", peer_id=peer_id_of(key))))
+                for key in fakes]  # each claims peer1, which members[1] holds
+        with caplog.at_level("WARNING", logger="p2pfed.net.membership"):
+            member.take(IDS[1], [j.wire() for j in junk])
+        assert [r.getMessage() for r in caplog.records if "refused" in r.getMessage()] == [
+            f"peer0: refused 5 membership record(s) from {IDS[1]}: {peer_id_of(fakes[0])} claims peer1, "
+            f"which {IDS[1]} holds"]
+        calls = []
+
+        async def exchange(peer_id, addrs, kind):
+            calls.append(kind)
+            await trio.sleep(0.1)
+        member.exchange = exchange
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(member._try, IDS[1], (), "sync")
+            nursery.start_soon(member._try, IDS[1], (), "sync")
+        assert calls == ["sync"]
+    with_members(2, body, joined=2, expected=2)
+
+
+def test_a_swarm_member_must_listen_where_members_may_dial_it():
+    # Its record lists its listen addresses, and members take TCP over /ip4 or /ip6 only: any other address is
+    # a configuration error at start rather than a record nobody takes.
+    from p2pfed.config import ConfigError, PeerConfig
+    from p2pfed.peer_addresses import check_addresses
+
+    config = PeerConfig(swarm="lab", listen=("/ip4/127.0.0.1/tcp/0", "/ip4/127.0.0.1/udp/4001/quic"))
+    with pytest.raises(ConfigError, match=r"listen\[1\]: .* /ip4 or /ip6 with /tcp/PORT"):
+        check_addresses(config, IDS[0])
+    check_addresses(dataclasses.replace(config, swarm="", listen=config.listen), IDS[0])  # no swarm: no rule

@@ -2,7 +2,8 @@
 
 A stranger (Noise-authenticated, but no record of it is held) is admitted after Noise only from a token budget
 (STRANGER_BURST, then one per STRANGER_EVERY_S); each admission buys STRANGER_EXCHANGES answered exchanges
-(a newcomer needs about two per member: a "join", then a "sync" that makes it a member) and STRANGER_GRACE_S of
+(a newcomer needs about two per member: a "join", then a "sync" that makes it a member; each answer holds every
+member's record, so this bounds what a stranger can download per token) and STRANGER_GRACE_S of
 connection, after which the member closes it unless it became a member. Strangers' exchanges have slots of
 their own (STRANGER_SLOTS, one per stranger), so they never take the members' (MAX_SERVING, two per member).
 Without the grace period an admitted stranger could keep its connection forever: at one a second it would
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 
 STRANGER_BURST, STRANGER_EVERY_S = 16, 1.0  # non-members admitted after Noise: a burst, then one a second
 STRANGER_GRACE_S = 30.0  # a non-member's connection is closed this long after its admission
-STRANGER_EXCHANGES = 8  # exchanges answered per admission
+STRANGER_EXCHANGES = 4  # exchanges answered per admission
 MAX_STRANGERS = 64  # admissions tracked at once (the budget admits at most STRANGER_BURST + 30 per grace period)
 MAX_SERVING, PER_MEMBER = 4, 2  # members' exchanges served at once, in all and per member
 STRANGER_SLOTS = 2  # non-members' exchanges served at once (one per stranger), beside the members' slots

@@ -7,7 +7,8 @@
 
 Protocol `/p2pfed/members/1`: the dialler sends one message (its records, its own among them) and the listener
 answers with one message of its own records (`p2pfed.net.member_records`), each a 4-byte length and at most
-MAX_MESSAGE_BYTES; then the stream closes. Push-pull of the whole record set, since a swarm has at most
+message_bytes_cap(num_peers) (`p2pfed.net.member_streams`); then the stream closes. The answering side is
+`p2pfed.net.member_serving`. Push-pull of the whole record set, since a swarm has at most
 num_peers members (<= 1024) of ~200 bytes each. A member re-signs its record (seq + 1) every refresh period and
 exchanges with FANOUT random members every GOSSIP_EVERY_S; one not refreshed for member_timeout_s is dropped.
 
@@ -20,6 +21,7 @@ Update streams stay for members (the endpoint's neighbours), which is what every
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import statistics
@@ -32,13 +34,14 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.peer.peerinfo import PeerInfo
 
 from p2pfed.net.dialling import quiet_dials
-from p2pfed.net.framing import STREAM_ERRORS, reset_stream
+from p2pfed.net.framing import reset_stream
 from p2pfed.net.identity import dial_addrs, parse_peer_id, peer_id_of
 from p2pfed.net.member_gate import RETRY_FIRST_S, RETRY_MAX_S, StrangerGate
 from p2pfed.net.member_records import (MemberRecord, MembershipError, decode_message, encode_message,
-                                       message_bytes_cap, peek, sign_record, verify)
+                                       message_bytes_cap, sign_record)
 from p2pfed.net.member_streams import (EXCHANGE_TIMEOUT_S, MEMBERS_PROTOCOL, exchanging, read_message, reason,
                                        write_message)
+from p2pfed.net.member_serving import close_overstayed, serve_stream
 from p2pfed.net.member_view import MemberView
 
 log = logging.getLogger(__name__)
@@ -91,6 +94,7 @@ class Membership:
         self.gate = StrangerGate()
         self._seq = 0
         self._dialling = trio.CapacityLimiter(MAX_DIALLING)
+        self._in_flight: set[str] = set()  # members an exchange of ours is under way with
         self._random = random.Random(self.own_id)  # whom to gossip with: not the process-wide random state
 
     @property
@@ -106,8 +110,8 @@ class Membership:
         for pid, _ in self.bootstraps():
             parse_peer_id(pid)
         self._sign(self.settings.join_round, self.settings.leave_round)
-        self.endpoint.admit_others = self._admit
-        self.endpoint.host.set_stream_handler(MEMBERS_PROTOCOL, self._handle)
+        self.endpoint.admit_others = lambda peer_id: self.gate.admit(peer_id, trio.current_time())
+        self.endpoint.host.set_stream_handler(MEMBERS_PROTOCOL, functools.partial(serve_stream, self))
 
     # -- joining -------------------------------------------------------------------------
 
@@ -225,17 +229,24 @@ class Membership:
                     await self._try(record.peer_id, record.addrs, "sync")
             self.expire(trio.current_time())
             self._apply()
-            await self.close_overstayed()
+            await close_overstayed(self)
 
     async def announce_leave(self, leave_round: int, timeout: float = 2.0) -> None:
         """Re-sign our record to leave from `leave_round` and tell the members we can reach within `timeout`."""
         if self.own.leave_round is not None and self.own.leave_round <= leave_round:
             return
         self._sign(self.own.join_round, max(leave_round, self.own.join_round + 1))
+        async def tell(record: MemberRecord) -> None:
+            try:  # even to a member an exchange is under way with: that one carries the record before this
+                async with self._dialling:
+                    await self.exchange(record.peer_id, record.addrs, "sync")
+            except Exception:  # noqa: BLE001 - best effort: the record spreads by gossip too
+                pass
+
         with trio.move_on_after(timeout):
             async with trio.open_nursery() as nursery:
                 for record in self.view.others():
-                    nursery.start_soon(self._try, record.peer_id, record.addrs, "sync")
+                    nursery.start_soon(tell, record)
 
     async def _sync_unsynced(self) -> None:
         # At once (at most MAX_DIALLING): a member whose addresses never answer costs one exchange's timeout, not
@@ -245,17 +256,6 @@ class Membership:
                 if record.peer_id not in self.synced and self._may_dial(record.peer_id):
                     nursery.start_soon(self._try, record.peer_id, record.addrs, "sync")
         self._apply()
-
-    async def close_overstayed(self) -> None:
-        """Close the connections of strangers admitted more than STRANGER_GRACE_S ago that are not members."""
-        network = self.endpoint.host.get_network()
-        for pid in self.gate.overstayed(trio.current_time()):
-            if pid not in self.view.records:
-                with trio.move_on_after(EXCHANGE_TIMEOUT_S):
-                    try:
-                        await network.close_peer(parse_peer_id(pid))
-                    except Exception as error:  # closing is best effort: it may be gone already
-                        log.debug("%s: closing %s's connection: %s", self.settings.name, pid, error)
 
     def expire(self, now: float) -> None:
         """Drop the members not refreshed for member_timeout_s, and everything kept about them."""
@@ -284,6 +284,9 @@ class Membership:
         return trio.current_time() - self.known_since.get(peer_id, 0.0) >= DIAL_WAIT_S
 
     async def _try(self, peer_id: str, addrs, kind: str) -> None:
+        if peer_id in self._in_flight:
+            return  # joining and staying current both sync: one exchange with a member at a time
+        self._in_flight.add(peer_id)
         try:
             async with self._dialling:
                 await self.exchange(peer_id, addrs, kind)
@@ -294,6 +297,8 @@ class Membership:
                 self.retry_at[peer_id] = (trio.current_time() + wait, wait)
         else:
             self.retry_at.pop(peer_id, None)
+        finally:
+            self._in_flight.discard(peer_id)
 
     def _sign(self, join_round: int, leave_round: int | None) -> None:
         seen = self.view.own_seen.seq if self.view.own_seen is not None else 0
@@ -336,10 +341,10 @@ class Membership:
             exchanging.reset(token)
         if answer.swarm != self.settings.swarm:
             raise MembershipError(f"{peer_id} is a member of swarm {answer.swarm!r}")
-        self.rounds_heard[peer_id] = answer.round
-        self._take(peer_id, answer.records)
+        self.take(peer_id, answer.records)
         if peer_id not in self.view.records:
             raise MembershipError(f"{peer_id} answered without a record of its own")
+        self.rounds_heard[peer_id] = answer.round  # a member's word only
         self.errors.pop(peer_id, None)
         self.view.touch(peer_id, trio.current_time())
         if kind == "sync":
@@ -359,60 +364,15 @@ class Membership:
     def _outgoing(self, kind: str) -> list:
         return [self.view.records[self.own_id]] if kind == "join" else self.view.signed()
 
-    async def _handle(self, stream) -> None:
-        """libp2p runs this for each inbound stream on MEMBERS_PROTOCOL."""
-        remote = stream.muxed_conn.peer_id.to_base58()  # authenticated by Noise
-        member = remote in self.view.records
-        refused = self.gate.start(remote, member, trio.current_time())
-        if refused is not None:
-            await reset_stream(stream)
-            if self.view.note_refused(remote, refused):
-                log.info("%s: refused a membership exchange from %s: %s", self.settings.name, remote, refused)
-            return
-        try:
-            with trio.fail_after(EXCHANGE_TIMEOUT_S):
-                await self._serve(stream, remote, member)
-        except Exception as error:  # whatever a peer sent: one line, and the member carries on
-            await reset_stream(stream)
-            if self.view.note_refused(remote, type(error).__name__):
-                log.info("%s: refused a membership exchange from %s: %s", self.settings.name, remote,
-                         reason(error) if isinstance(error, (MembershipError, trio.TooSlowError, *STREAM_ERRORS))
-                         else f"{type(error).__name__}: {str(error)[:200]}")
-        finally:
-            self.gate.finish(remote, member)
-
-    async def _serve(self, stream, remote: str, member: bool) -> None:
-        message = decode_message(await read_message(stream, message_bytes_cap(self.settings.num_peers)))
-        if message.swarm != self.settings.swarm:
-            raise MembershipError(f"it asked for swarm {message.swarm!r}")
-        own = [raw for raw in message.records if peek(raw).peer_id == remote]
-        if not own:
-            raise MembershipError("its message holds no record of its own")
-        newest = max(own, key=lambda raw: peek(raw).seq)
-        verify(newest)
-        if message.kind == "sync":
-            # A stranger introduces itself only: relayed records come from members, so one connection cannot
-            # fill the swarm's free names with records of keys made for the purpose.
-            self._take(remote, message.records if member else [newest])
-            if remote in self.view.records:  # members only: strangers leave nothing behind
-                self.rounds_heard[remote] = message.round
-                self.view.touch(remote, trio.current_time())
-        answer = encode_message(self.settings.swarm, "sync", self.current_round(), self.view.signed())
-        await write_message(stream, answer)
-        await stream.close()  # the dialler reads the answer, then closes its side
-        if message.kind == "sync" and remote in self.view.records:
-            self.synced.add(remote)  # it keeps our records, our own newest among them
-
-    def _take(self, sender: str, records) -> None:
+    def take(self, sender: str, records) -> None:
         if len(records) > 2 * self.settings.num_peers:
             raise MembershipError(f"{len(records)} records is over twice the swarm's {self.settings.num_peers}")
-        changed = False
+        changed, refused = False, []
         for raw in records:
             try:
                 record = self.view.offer(raw, trio.current_time())
             except MembershipError as error:
-                if self.view.note_refused(sender, str(error)[:80]):
-                    log.warning("%s: refused a membership record from %s: %s", self.settings.name, sender, error)
+                refused.append(str(error))
                 continue
             changed = changed or record is not None
             if record is not None and record.leave_round is not None and record.peer_id not in self.leaving:
@@ -425,9 +385,8 @@ class Membership:
                 self.retry_at.pop(record.peer_id, None)  # new addresses, say: worth dialling at once
             if record is not None and record.peer_id != sender:
                 self.synced.discard(record.peer_id)  # a member we never talked to: tell it about us
+        if refused and self.view.note_refused(sender, refused[0][:80]):  # one line a message, whatever it holds
+            log.warning("%s: refused %d membership record(s) from %s: %s", self.settings.name, len(refused), sender,
+                        refused[0])
         if changed:
             self._apply()
-
-    def _admit(self, peer_id: str) -> bool:
-        """Whether a dialler that is not a member may keep its connection (to ask to join): a token budget."""
-        return self.gate.admit(peer_id, trio.current_time())
