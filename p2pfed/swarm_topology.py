@@ -12,6 +12,7 @@ import logging
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import networkx as nx
 
@@ -21,10 +22,12 @@ from p2pfed.topology import TopologyWarning, graph_at_round
 log = logging.getLogger(__name__)
 
 
-def derived_graph(members: Sequence, topology: TopologyConfig, seed: int, round_index: int) -> nx.Graph:
+def derived_graph(members: Sequence, topology: TopologyConfig, seed: int, round_index: int,
+                  on_fallback: Callable[[int, ConfigError], None] | None = None) -> nx.Graph:
     """The graph of `round_index` over `members` (records with peer_id and name, any order), nodes named by the
     members' names. A spec that cannot be built for this many members (say, random_regular with n * d odd)
-    falls back to a ring, with a warning: the swarm goes on rather than stop when a member leaves."""
+    falls back to a ring: the swarm goes on rather than stop when a member leaves. `on_fallback(n, error)` is
+    told (default: a warning each time; a SwarmSchedule warns once per change)."""
     ordered = sorted(members, key=lambda m: m.peer_id)
     n = len(ordered)
     if n == 0:
@@ -34,10 +37,21 @@ def derived_graph(members: Sequence, topology: TopologyConfig, seed: int, round_
             warnings.simplefilter("ignore", TopologyWarning)  # a disconnected draw is the spec's business
             graph = graph_at_round(topology, n, seed, round_index)
     except ConfigError as error:
-        log.warning("the topology cannot be built for %d members in round %d (%s): a ring this round", n,
-                    round_index, error)
+        (on_fallback or partial(warn_fallback, topology))(n, error)
         graph = nx.cycle_graph(n)
     return nx.relabel_nodes(graph, {k: m.name for k, m in enumerate(ordered)})
+
+
+def describe(topology: TopologyConfig) -> str:
+    """The spec in a few words: random_regular(d=3), edge_list(graph.txt)."""
+    if topology.generator == "edge_list":
+        return f"edge_list({topology.path})"
+    return f"{topology.generator}({', '.join(f'{k}={v}' for k, v in sorted(topology.params.items()))})"
+
+
+def warn_fallback(topology: TopologyConfig, n: int, error: ConfigError) -> None:
+    log.warning("the topology %s cannot be built for %d members (%s): using a ring of %d instead",
+                describe(topology), n, error, n)
 
 
 def by_index(names) -> tuple[str, ...]:
@@ -56,6 +70,8 @@ class SwarmSchedule:
     seed: int
     on_round: Callable[[int, tuple[str, ...]], None] | None = None
     by_round: dict[int, tuple[str, ...] | None] = field(default_factory=dict)
+    # The member count the spec last could not be built for (warned once), None while it can be built.
+    fallback_n: int | None = None
 
     def takes_part(self, round_index: int) -> bool:
         return self._at(round_index) is not None
@@ -69,8 +85,18 @@ class SwarmSchedule:
             if self.name not in {m.name for m in members}:
                 self.by_round[round_index] = None
             else:
-                graph = derived_graph(members, self.topology, self.seed, round_index)
+                fell_back: list[int] = []
+                graph = derived_graph(members, self.topology, self.seed, round_index,
+                                      lambda n, error: self._fell_back(n, error, fell_back))
+                if not fell_back:
+                    self.fallback_n = None  # buildable again: a later fallback is news
                 self.by_round[round_index] = by_index(graph.neighbors(self.name))
             if self.on_round is not None:
                 self.on_round(round_index, self.by_round[round_index])
         return self.by_round[round_index]
+
+    def _fell_back(self, n: int, error: ConfigError, fell_back: list[int]) -> None:
+        fell_back.append(n)
+        if n != self.fallback_n:  # once per change of the member count, not every round
+            self.fallback_n = n
+            warn_fallback(self.topology, n, error)
