@@ -8,9 +8,11 @@ plain tensors as the wire delivers them). Timed side by side, interleaved:
   the peer loop's own training step (model.train_steps);
 - validation: `evaluate.validation_scores` on the peer's validation blocks (data.val_blocks);
 - predictions: `evaluate.predictions_scores` with the default top-k and distance;
-- adaptive: the default trust rule through `strategies.trust_weights`, as the loop calls it: every candidate
-  scored on a window of trust.score_blocks validation blocks, then the aggregate of each candidate row
-  (trust.adaptive_temperatures and the uniform row) on the same window;
+- spread: the default trust rule through `strategies.trust_weights`, as the loop calls it: every candidate
+  scored on the first trust.score_tokens tokens of every validation block, then the kernel row;
+- adaptive: the `adaptive` rule the same way: every candidate scored on a window of trust.score_blocks
+  validation blocks, then the aggregate of each candidate row (trust.adaptive_temperatures and the uniform
+  row) on the same window;
 - select: training.select_best's pass over all the validation blocks with the peer's own adapter (every
   scheme pays it, baselines too);
 - whole / chunks8: validation scoring with each candidate's blocks in one batch, or in batches of 8;
@@ -18,8 +20,8 @@ plain tensors as the wire delivers them). Timed side by side, interleaved:
 
     .venv/bin/python benchmarks/trust_cost.py
 
-Reported: validation / train, predictions / train and adaptive / train (how much a trust round adds to a
-training round; the target for the default, adaptive, is at most 0.3), select / train, chunks8 / whole, and looped / vmap (above 1: vmap is faster), with vmap's largest loss
+Reported: validation / train, predictions / train, spread / train and adaptive / train (how much a trust round
+adds to a training round; the target for the default, spread, is at most 0.3), select / train, chunks8 / whole, and looped / vmap (above 1: vmap is faster), with vmap's largest loss
 difference to the looped scores.
 """
 
@@ -106,7 +108,7 @@ def main() -> dict:
     val = own.val
     stacked = StackedScorer(host)
 
-    def adaptive_inputs() -> TrustInputs:
+    def rule_inputs() -> TrustInputs:
         # What the loop hands the rule: the neighbours' shared tensors as received, and a merge by the aggregator.
         own_now = {k: p.detach() for k, p in adapter.items()}
         received = {n: wire.UpdateMessage(sender=n, round=1, tensors={k: v for k, v in c.items() if is_shared(k)})
@@ -123,7 +125,8 @@ def main() -> dict:
         "validation": lambda: evaluate.validation_scores(host, candidates, val),
         "predictions": lambda: evaluate.predictions_scores(host, spec.name, candidates, val,
                                                            trust.predictions_top_k, trust.predictions_distance),
-        "adaptive": lambda: trust_weights(TRUST_RULES["adaptive"], adaptive_inputs()),
+        "spread": lambda: trust_weights(TRUST_RULES["spread"], rule_inputs()),
+        "adaptive": lambda: trust_weights(TRUST_RULES["adaptive"], rule_inputs()),
         "select": lambda: evaluate.mean_loss(host, adapter, val),
         "whole": lambda: looped_scores(host, candidates, val, len(val)),
         "chunks8": lambda: looped_scores(host, candidates, val, 8),
@@ -136,6 +139,7 @@ def main() -> dict:
     ratios = {
         "validation_over_train": times["validation"] / times["train"],
         "predictions_over_train": times["predictions"] / times["train"],
+        "spread_over_train": times["spread"] / times["train"],
         "adaptive_over_train": times["adaptive"] / times["train"],
         "select_over_train": times["select"] / times["train"],
         "chunks8_over_whole": times["chunks8"] / times["whole"],
@@ -148,8 +152,10 @@ def main() -> dict:
         print(f"  {name:12s}: {seconds * 1e3:7.1f} ms")
     print(f"  validation / train : {ratios['validation_over_train']:5.2f}")
     print(f"  predictions / train: {ratios['predictions_over_train']:5.2f}")
-    print(f"  adaptive / train   : {ratios['adaptive_over_train']:5.2f}  (the default; {trust.score_blocks} blocks, "
-          f"{len(trust.adaptive_temperatures) + 1} candidate rows; target <= 0.3)")
+    print(f"  spread / train     : {ratios['spread_over_train']:5.2f}  (the default; {trust.score_tokens} tokens of "
+          f"every block; target <= 0.3)")
+    print(f"  adaptive / train   : {ratios['adaptive_over_train']:5.2f}  ({trust.score_blocks} blocks, "
+          f"{len(trust.adaptive_temperatures) + 1} candidate rows)")
     print(f"  select / train     : {ratios['select_over_train']:5.2f}  (best-round selection, every scheme)")
     print(f"  chunks of 8 / whole: {ratios['chunks8_over_whole']:5.2f}")
     print(f"  looped / vmap      : {ratios['looped_over_vmap']:5.2f}  (vmap works; largest loss difference "
