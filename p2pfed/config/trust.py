@@ -45,7 +45,7 @@ class TrustConfig:
     # Its kernel's width: this many standard deviations of the round's validation scores (over the peer and its
     # neighbours), clamped to [spread_floor, spread_ceiling] (nats of mean loss): the floor for neighbourhoods
     # whose scores differ only by noise, the ceiling against one wild score widening the spread. Measured in
-    # seven settings: README, "Trust in six settings".
+    # seven settings: README, "Trust in seven settings".
     spread_width: float = 0.5
     spread_floor: float = 0.02
     spread_ceiling: float = 0.1
