@@ -51,39 +51,49 @@ def entry_head(packer: msgpack.Packer, dtype_name: str, shape: Sequence[int], da
     return (b"\x83" + _str("dtype", pad - data_extra) + middle + _str("data", data_extra) + bin_header)
 
 
-def shared_tensor(buffer: memoryview, start: int | None, raw: bytes, dtype: torch.dtype,
-                  shape: tuple[int, ...]) -> torch.Tensor:
-    """The float32 tensor that `raw` holds (a tensor entry's data, as msgpack unpacked it).
-
-    `start` is where the pre-scan found that data in the received `buffer`. When the data is there and
-    aligned, a float32 tensor is a view of `buffer` (no copy: the buffer lives as long as the tensor),
-    and a half-precision one is converted straight from it; otherwise `raw` is copied, as before.
-    """
-    if not raw:
-        return torch.zeros(shape, dtype=torch.float32)  # frombuffer refuses empty buffers
-    tensor = _view(buffer, start, raw, dtype) if start is not None else None
-    if tensor is None:
-        # bytes are immutable and torch.frombuffer would share them; a bytearray is a buffer the tensor owns.
-        tensor = torch.frombuffer(bytearray(raw), dtype=dtype)
-    tensor = tensor.reshape(shape)
-    return tensor if dtype == torch.float32 else tensor.to(torch.float32)
-
-
-def _view(buffer: memoryview, start: int, raw: bytes, dtype: torch.dtype) -> torch.Tensor | None:
-    if start + len(raw) > buffer.nbytes:
+def payload_words(buffer: memoryview) -> torch.Tensor | None:
+    """The whole received `buffer` as one float32 tensor for the message's tensors to view, or None where the
+    buffer does not start 4-byte aligned. One tensor, one storage per message: a view of it costs about
+    100 bytes, a tensor of its own over the buffer (torch.frombuffer) several times that."""
+    if buffer.nbytes < ALIGN:
         return None
     with warnings.catch_warnings():
         # torch warns, once per process, that a tensor over a read-only buffer (bytes) could write into it:
         # these views are read-only by contract, which tests check.
         warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
-        here = torch.frombuffer(buffer, dtype=torch.uint8, count=len(raw), offset=start)
-        if here.data_ptr() % dtype.itemsize:
-            return None
-        # The pre-scan's offsets and msgpack's values are matched by order; a message with duplicate keys
-        # could pair them wrongly, so the bytes are compared (a memcmp, a few microseconds per 64 KB).
-        if not torch.equal(here, torch.frombuffer(raw, dtype=torch.uint8)):
-            return None
-        return here.view(dtype)
+        words = torch.frombuffer(buffer, dtype=torch.float32, count=buffer.nbytes // ALIGN)
+    return words if words.data_ptr() % ALIGN == 0 else None
+
+
+def shared_tensor(buffer: memoryview, words: torch.Tensor | None, start: int | None, raw: bytes,
+                  dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """The float32 tensor that `raw` holds (a tensor entry's data, as msgpack unpacked it).
+
+    `start` is where the pre-scan found that data in the received `buffer`, `words` that buffer (payload_words).
+    Where the data is there, aligned and the same bytes, a float32 tensor is a view of the buffer (no copy: the
+    buffer lives as long as the tensor), and a half-precision one is converted straight from it; otherwise
+    `raw` is copied, as every tensor was before.
+    """
+    if not raw:
+        return torch.zeros(shape, dtype=torch.float32)  # frombuffer refuses empty buffers
+    tensor = _view(buffer, words, start, raw, dtype) if words is not None and start is not None else None
+    if tensor is None:
+        # bytes are immutable and torch.frombuffer would share them; a bytearray is a buffer the tensor owns.
+        tensor = torch.frombuffer(bytearray(raw), dtype=dtype)
+    tensor = tensor.view(shape)
+    return tensor if dtype == torch.float32 else tensor.to(torch.float32)
+
+
+def _view(buffer: memoryview, words: torch.Tensor, start: int, raw: bytes, dtype: torch.dtype) -> torch.Tensor | None:
+    end = start + len(raw)
+    # The pre-scan's offsets and msgpack's values are matched by order; a message with duplicate keys could
+    # pair them wrongly, so the bytes are compared (a copy and a memcmp: about a microsecond per 4 KB).
+    if start % ALIGN or end > words.numel() * ALIGN or buffer[start:end].tobytes() != raw:
+        return None
+    if dtype != torch.float32:
+        return words.view(torch.uint8)[start:end].view(dtype)  # converted by the caller: nothing keeps this view
+    # A slice of `words` itself: a tensor viewed back from uint8 would take about 900 bytes more.
+    return words[start // ALIGN:end // ALIGN]
 
 
 def value_problem(tensor: torch.Tensor, bound: float) -> str | None:

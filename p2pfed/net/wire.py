@@ -184,13 +184,16 @@ def _decode(
     # the tensors then view in place (tensor_codec). Any other bins: the data is copied.
     if len(data_starts) != len(specs):
         data_starts = [None] * len(specs)
+    words = tensor_codec.payload_words(view) if specs else None
+    # The receiver's own name strings, where it gave them: a message held until aggregation keeps no copies.
+    own_names = {name: name for name in expected_shapes or ()}
     tensors = {}
     for (name, dtype, shape, raw), start in zip(specs, data_starts):
-        tensor = tensor_codec.shared_tensor(view, start, raw, dtype, shape)
+        tensor = tensor_codec.shared_tensor(view, words, start, raw, dtype, shape)
         problem = tensor_codec.value_problem(tensor, limits.max_abs_value)
         if problem:
             raise WireError(f"tensor {_quote(name)} {problem}")
-        tensors[name] = tensor
+        tensors[own_names.get(name, name)] = tensor
     return UpdateMessage(sender=sender, round=round_index, tensors=tensors, degree=degree, num_samples=num_samples)
 
 
