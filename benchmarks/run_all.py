@@ -30,6 +30,8 @@ BENCHMARKS: list[tuple[str, Callable, list[Check]]] = [
     ("trust_cost", lambda m: m.main(), [
         ("validation trust / training round", "validation_over_train", None, "(info)"),
         ("predictions trust / training round", "predictions_over_train", None, "(info)"),
+        ("spread trust (default) / training round", "spread_over_train", lambda r: r <= 0.3, "<= 0.3"),
+        ("adaptive trust / training round", "adaptive_over_train", None, "(info)"),
         ("validation in chunks of 8 / whole set", "chunks8_over_whole", None, "(info)"),
         ("looped / vmapped validation", "looped_over_vmap", None, "(info, > 1: vmap faster)"),
     ]),
