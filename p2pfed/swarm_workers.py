@@ -36,6 +36,7 @@ from p2pfed.loop import PeerHooks, PeerLoop, PeerSpec, run_inline
 from p2pfed.model import load_base_model
 from p2pfed.net import wire
 from p2pfed.net.memory import InMemoryNetwork
+from p2pfed.plugins import import_plugins
 from p2pfed.records import PeerResult, RoundRecord
 from p2pfed.seeding import derive_seed
 
@@ -204,6 +205,7 @@ def serve(connection, share: WorkerShare) -> None:
 
 def _serve(connection, share: WorkerShare) -> dict[str, PeerResult]:
     config = share.config
+    import_plugins(config.plugins)  # a forked or spawned process: the user's rules, registered from the config
     workspace = Workspace(config=config, base=load_base_model(config.model, log=lambda *_: None), tokens={})
     host = workspace.host_for(share.specs[0].scheme)
     outbox = Outbox(share.elsewhere)
