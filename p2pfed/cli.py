@@ -13,7 +13,7 @@ from pathlib import Path
 from p2pfed.checkpoint import CheckpointError
 from p2pfed.config import ConfigError
 from p2pfed.errors import first_error
-from p2pfed.load import load_experiment, load_peer, parse_override
+from p2pfed.load import load_experiment, load_peer, parse_override, with_plugins
 from p2pfed.scaffold import add_init_command
 
 
@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     peer.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                       help="override a config key, e.g. --set training.rounds=5")
     peer.add_argument("--quiet", action="store_true", help="no line per round")
+    _plugin_option(peer)
 
     ident = commands.add_parser("id", help="print a peer's libp2p peer ID (what its neighbours list for it)")
     ident.add_argument("config", help="a peer TOML file")
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     show.add_argument("paths", nargs="+", metavar="RUN_DIR|STATE_DIR",
                       help="a run folder, or peers' state folders (each holds result.json), or folders of them")
     show.add_argument("--out", help="where a report on state folders goes (default: their common parent)")
+    _plugin_option(show)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -84,6 +86,13 @@ def _run_folder_options(command, name: str) -> None:
                          help=f"run only what the {name} folder is missing (the folder's own config, or the "
                               f"experiment's if given, which must be the same)")
     command.add_argument("--force", action="store_true", help=f"start a {name} folder in use afresh")
+    _plugin_option(command)
+
+
+def _plugin_option(command) -> None:
+    command.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE_OR_FILE",
+                         help="a module or .py file registering trust rules or aggregators, added to the config's "
+                              "plugins (repeatable)")
 
 
 def _engine_option(command) -> None:
@@ -131,8 +140,9 @@ def _run(args) -> int:
 
     out, resume = _where(args)
     if args.experiment:
-        swarm = Swarm(load_experiment(args.experiment, args.overrides))
+        swarm = Swarm(load_experiment(args.experiment, with_plugins(args.experiment, args.overrides, args.plugins)))
     elif resume:
+        _no_plugins_on_resume(args)
         swarm = Swarm.resume(out)
         if args.overrides:  # only keys that change no result may differ (workers): the folder checks it
             keys = {".".join(path): value for path, value in map(parse_override, args.overrides)}
@@ -172,8 +182,9 @@ def _sweep(args) -> int:
     if args.experiment:
         if not args.grids:
             raise ConfigError("sweep: give at least one --grid KEY=[V1,V2,...]")
-        points = plan_sweep(args.experiment, args.grids, args.overrides)
+        points = plan_sweep(args.experiment, args.grids, with_plugins(args.experiment, args.overrides, args.plugins))
     elif resume:
+        _no_plugins_on_resume(args)
         if args.grids or args.overrides:
             raise ConfigError("sweep --resume SWEEP_DIR runs the sweep as it was planned: no --grid or --set")
         points = saved_points(out)
@@ -197,6 +208,11 @@ def _sweep(args) -> int:
     _print_sweep(summary, console)
     console.print(f"summary.json, summary.csv and summary.png in {out}; a run folder per point")
     return 0
+
+
+def _no_plugins_on_resume(args) -> None:
+    if args.plugins:
+        raise ConfigError("--plugin: a resumed folder imports the plugins its saved config names; give none")
 
 
 def _print_sweep(summary: dict, console) -> None:
@@ -224,7 +240,7 @@ def _peer(args) -> int:
     from p2pfed.experiment import quiet_transformers
     from p2pfed.peer import finished_before
 
-    config = load_peer(args.config, args.overrides)
+    config = load_peer(args.config, with_plugins(args.config, args.overrides, args.plugins))
     done = finished_before(config)
     if done is not None:  # at once: no model to load, no neighbours to wait for
         print(f"{config.name}: finished before: all {done.rounds[-1].round} rounds are done (test perplexity "
@@ -310,11 +326,14 @@ def _id(args) -> int:
 
 def _report(args) -> int:
     from p2pfed import plots, report
+    from p2pfed.plugins import import_plugins
     from p2pfed.runfolder import RESULTS_FILE, load_state_folders
 
+    import_plugins(args.plugins)  # the scheme names of the results are looked up to draw them
     if len(args.paths) == 1 and (Path(args.paths[0]) / RESULTS_FILE).is_file():
         run_dir = Path(args.paths[0])
         summary = report.load_results(run_dir)
+        import_plugins((summary.get("config") or {}).get("plugins", []))  # those the run named (absolute paths)
     else:  # the state folders of peers run by hand, each with its result.json
         jobs = load_state_folders(args.paths)
         summary = report.summarize(None, jobs)

@@ -76,7 +76,7 @@ def swarm_configs(config: ExperimentConfig, graph, scheme: str, seed: int, peer_
         name=peer_name(i), scheme=scheme, seed=seed, num_peers=config.num_peers, profile=config.profile_of(i),
         listen=(addrs[i],), topology=topology,
         neighbours=tuple(NeighbourConfig(peer_name(j), peer_ids[j], (addrs[j],)) for j in neighbours(graph, i)),
-        attack=_attack_of(config, peer_name(i)), **own(i), **config.sections(),
+        attack=_attack_of(config, peer_name(i)), plugins=config.plugins, **own(i), **config.sections(),
     ) for i in range(config.num_peers)]
 
 

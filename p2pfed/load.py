@@ -8,6 +8,7 @@ checked before any work starts: value ranges, topology parameters, scheme names 
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 import types
 import typing
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from p2pfed.config import ConfigError, ExperimentConfig, PeerConfig, TopologyConfig
+from p2pfed.plugins import is_plugin_path
 from p2pfed.strategies import check_schemes
 
 
@@ -90,6 +92,8 @@ def resolve_paths(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:
         data["profiles"] = resolve_profiles(data["profiles"], base_dir)
     if isinstance(data.get("profile"), str):
         data["profile"] = resolve_profiles([data["profile"]], base_dir, "profile")[0]
+    if isinstance(data.get("plugins"), list):
+        data["plugins"] = resolve_plugins(data["plugins"], base_dir)
     return data
 
 
@@ -137,6 +141,24 @@ def resolve_profiles(value: Any, base_dir: Path, where: str = "profiles") -> Any
             item = {"name": path.stem, **load_toml(path)}
         resolved.append(item)
     return resolved
+
+
+def resolve_plugins(value: list, base_dir: Path) -> list:
+    """`plugins` with each file made absolute against `base_dir` (so that every process, wherever it runs
+    from, imports the same file); module names stay as they are."""
+    return [str(_absolute(entry, base_dir)) if isinstance(entry, str) and is_plugin_path(entry) else entry
+            for entry in value]
+
+
+def with_plugins(path: str | Path | None, overrides: list[str], plugins: list[str]) -> list[str]:
+    """`overrides` and one more that appends `plugins` (from the working directory) to the file's and the
+    overrides' own: `--plugin` as an override, for every command that loads a file with overrides."""
+    if not plugins:
+        return list(overrides)
+    known = _load(path, overrides).get("plugins", [])
+    if not isinstance(known, list):
+        raise ConfigError(f"plugins: expected a list, got {known!r}")
+    return [*overrides, f"plugins={json.dumps([*known, *resolve_plugins(list(plugins), Path.cwd())])}"]
 
 
 def _load(path: str | Path | None, overrides: list[str] | None) -> dict[str, Any]:

@@ -38,6 +38,7 @@ import torch
 from p2pfed.config import ConfigError, ExperimentConfig
 from p2pfed.inputs import JobInputs
 from p2pfed.job import JobResult, Workspace, open_workspace
+from p2pfed.plugins import import_plugins
 from p2pfed.topology import TopologyWarning
 from p2pfed.workers import Listener, QueueListener, RunStopped, ignoring_ctrl_c, quiet_transformers, run_one, \
     workspace_key
@@ -182,6 +183,7 @@ def _job_task(shared: tuple[ExperimentConfig, JobInputs], scheme: str, seed: int
 
     def work() -> None:
         try:
+            import_plugins(config.plugins)  # the user's rules, in this Ray worker too (a file at the same path)
             outcome["result"] = run_one(config, _workspace(config), inputs, scheme, seed, QueueListener(notes))
         except BaseException as error:
             outcome["error"] = error

@@ -26,6 +26,7 @@ from torch import Tensor
 from p2pfed import aggregate, robust, trust
 from p2pfed.config import ConfigError, ExperimentConfig, TemperatureConfig, TrustConfig
 from p2pfed.experts import generalists_only, is_shared
+from p2pfed.plugins import import_plugins
 
 if TYPE_CHECKING:
     from p2pfed.model import AdapterHost
@@ -343,7 +344,8 @@ def parse_scheme(name: str) -> Scheme:
 
 
 def check_schemes(config: ExperimentConfig) -> tuple[Scheme, ...]:
-    """Every scheme of `config`, parsed and checked against the peers' ranks."""
+    """Every scheme of `config`, parsed and checked against the peers' ranks (its plugins imported first)."""
+    import_plugins(config.plugins)  # the user's rules and aggregators, registered once per process
     schemes = tuple(parse_scheme(name) for name in config.schemes)
     ranks = sorted({config.rank_of(i) for i in range(config.num_peers)})
     if len(ranks) == 1:

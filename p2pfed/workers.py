@@ -26,6 +26,7 @@ from p2pfed.config import ExperimentConfig
 from p2pfed.inputs import JobInputs
 from p2pfed.job import JobResult, Workspace, open_workspace
 from p2pfed.load import to_dict
+from p2pfed.plugins import import_plugins
 from p2pfed.records import RoundRecord
 from p2pfed.swarm import run_job
 from p2pfed.topology import TopologyWarning
@@ -127,6 +128,7 @@ def _worker_job(config: ExperimentConfig, inputs: JobInputs, scheme: str, seed: 
     # Each job its experiment's count (default 1: two 1-thread workers beat one 2-thread process; docs/compute.md).
     torch.set_num_threads(config.threads or _worker_state["torch_threads"])
     try:
+        import_plugins(config.plugins)  # a spawned process: the user's rules are registered from the config
         key = workspace_key(config)
         if key not in workspaces:
             workspaces[key] = open_workspace(config, log=lambda *_: None)

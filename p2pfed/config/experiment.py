@@ -53,6 +53,9 @@ class ExperimentConfig(Sections):
     attack: tuple[AttackConfig, ...] = ()  # `[[attack]]` tables: hostile peers, for robustness studies
     # With attacks: also run every job without them and report the honest peers' clean perplexity.
     compare_clean: bool = False
+    # Modules that register trust rules and aggregators (p2pfed.plugins): module names, or .py files from the
+    # file's folder. Every process of the run imports them before it looks up a scheme.
+    plugins: tuple[str, ...] = ()
 
     def validate(self) -> "ExperimentConfig":
         check(self.num_peers >= 1, "num_peers", "must be at least 1")
@@ -63,6 +66,8 @@ class ExperimentConfig(Sections):
         check(self.workers >= 1, "workers", "must be at least 1")
         check(self.threads >= 0, "threads", "must not be negative (0: torch's default)")
         check(self.job_workers >= 1, "job_workers", "must be at least 1")
+        for i, entry in enumerate(self.plugins):
+            check(bool(entry.strip()), f"plugins[{i}]", "must name a module or a .py file")
         self.model.validate()
         self.lora.validate()
         for i, profile in enumerate(self.profiles):

@@ -50,12 +50,14 @@ class PeerConfig(Sections):
     swarm: str = ""
     bootstrap: tuple[str, ...] = ()
     member_timeout_s: float = 30.0
+    plugins: tuple[str, ...] = ()  # as an experiment's (p2pfed.plugins): imported before the scheme is looked up
 
     def as_experiment(self) -> ExperimentConfig:
         """The experiment this peer is one of: checks every shared section the same way."""
         return ExperimentConfig(num_peers=self.num_peers, seeds=(self.seed,), schemes=(self.scheme,),
                                 profiles=(self.profile,), attack=(self.attack,) if self.attack else (),
-                                topology=self.topology or TopologyConfig(), **self.sections())
+                                topology=self.topology or TopologyConfig(), plugins=self.plugins,
+                                **self.sections())
 
     def validate(self) -> "PeerConfig":
         self.as_experiment().validate()
