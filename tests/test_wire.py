@@ -96,12 +96,13 @@ def payload_span(payload) -> tuple[int, int]:
 
 
 def test_fp32_tensors_view_the_received_buffer_and_half_precision_ones_are_converted():
-    for payload_of in (bytes, bytearray):  # in-process payloads are bytes; libp2p frame bodies are bytes too
+    # In-process payloads and libp2p frame bodies are bytes; a caller may hand a bytearray or a memoryview.
+    for payload_of in (bytes, bytearray, lambda data: memoryview(bytearray(data))):
         payload = payload_of(encode_update(make_message()))
         start, end = payload_span(payload)
         for name, tensor in decode_update(payload).tensors.items():
             assert start <= tensor.data_ptr() and tensor.data_ptr() + tensor.nbytes <= end, name  # no copy
-            assert tensor.data_ptr() % 4 == 0
+            assert tensor.data_ptr() % 4 == 0 and torch.equal(tensor, make_tensors()[name])
     for encoding in ("fp16", "bf16"):
         payload = bytearray(encode_update(make_message(), encoding))
         start, end = payload_span(payload)
