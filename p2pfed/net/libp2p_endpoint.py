@@ -10,15 +10,11 @@ the ID of the connection the bytes came on, never by anything in the payload. A 
 from its neighbours' IDs. The transport moves bytes; the peer decodes them (p2pfed.net.wire), so nothing here
 unpickles or parses what arrives beyond the frame header.
 
-Updates to a neighbour go out one after another on one long-lived stream on PROTOCOL_ID (opening a
-stream costs 8-16 ms; a kept one also keeps the Yamux window it has grown), one frame each
-(`p2pfed.net.framing`), and the receiver (`p2pfed.net.inbound`) answers each with a 1-byte ack once the body
-is in its inbox; what one neighbour may have buffered there is bounded in bytes. Any failure on a stream
-(a timeout, a reset, a bad frame) resets it, so a stream never carries on half-way through a frame; the
-next send opens a new one. A kept stream found dead before a frame went out whole (the neighbour
-restarted, or reset it) is replaced and the frame sent again: the receiver delivers whole frames only,
-so this cannot duplicate one. A send that fails (the neighbour is gone, refuses, or is
-too slow) is logged and counted, never raised into the peer's loop.
+Updates go out on one kept stream per neighbour, one frame each, and the receiver answers each with a
+1-byte ack once the body is in its inbox: the send side is `p2pfed.net.outbound` (one retry on a new stream
+for a frame whose stream ended before its ack; `send_many` to several neighbours at once), the receive side
+`p2pfed.net.inbound` (what one neighbour may have buffered is bounded in bytes). A send that fails (the
+neighbour is gone, refuses, or is too slow) is logged and counted, never raised into the peer's loop.
 
 Hosts offer Noise only and Yamux only, through `p2pfed.net.fastpath`, which also moves bulk data
 several times faster than stock py-libp2p with the same protocols on the wire (see its docstring).
@@ -28,11 +24,8 @@ is not a neighbour is hung up on right after Noise, before any buffer of its own
 inbound connection slots are given back when connections close (`p2pfed.net.inbound_slots`): strangers
 can neither lock neighbours out nor cost more than a handshake each.
 
-Facts about py-libp2p 0.8.1 that shape this module (docs/libp2p.md has the measurements):
-- A write cut off half-way (after Noise has sealed a message, before the socket took it) can wedge or
-  tear down the connection. So nothing that writes on a shared connection is cancelled: opening a stream
-  and each 1 MiB chunk of the body run shielded, the deadline is checked between chunks, and where a
-  hard stop had to cut something off anyway the connection is dropped and the next send redials.
+Facts about py-libp2p 0.8.1 that shape this module (docs/libp2p.md has the measurements; the send
+side's own are in p2pfed.net.outbound):
 - `stream.read(n)` returns what is buffered and ends with StreamEOF; `read_exactly` fails from ~7 MB.
 - A refused dial makes libp2p refuse that peer for 60 s, and it dials one address per transport:
   before each dial the neighbour is unblocked and its peerstore addresses replaced by ours.
@@ -45,27 +38,25 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import trio
 from libp2p import new_host
-from libp2p.abc import INetStream
 from libp2p.crypto.keys import KeyPair
 from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import PeerInfo
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from multiaddr import Multiaddr
 
 from p2pfed.config import NetworkConfig
-from p2pfed.net.dialling import dial_failure, quiet_dials
-from p2pfed.net.fastpath import security_options, use_fast_stream
-from p2pfed.net.framing import ACK, PROTOCOL_ID, STREAM_ERRORS, frame_pieces, read_upto, reset_stream
+from p2pfed.net.fastpath import security_options
+from p2pfed.net.framing import PROTOCOL_ID
 from p2pfed.net.identity import dial_addrs, parse_peer_id
 from p2pfed.net.inbound import InboundStreams
 from p2pfed.net.inbound_slots import InboundSlots
 from p2pfed.net.listening import ListenError, check_bindable, check_listening
+from p2pfed.net.outbound import NeighbourState, OutboundSends
 
 __all__ = ["Libp2pEndpoint", "ListenError", "NeighbourState", "TransportLimits", "open_libp2p_endpoint"]
 
@@ -99,24 +90,6 @@ class TransportLimits:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
 
-@dataclass
-class NeighbourState:
-    addrs: list[Multiaddr]
-    failures: int = 0  # failed sends in total
-    consecutive_failures: int = 0  # failed sends since the last success
-    last_error: str = ""
-    # The stream updates go out on, kept from one send to the next (opening one costs 8-16 ms, and a
-    # kept stream keeps the Yamux window it has grown); None before the first send and after a failure.
-    stream: INetStream | None = field(default=None, repr=False)
-    stream_lock: trio.Lock = field(default_factory=trio.Lock, repr=False)  # one frame at a time on it
-    # (peer that answered, address) pairs already reported for answering this neighbour's dials: once each.
-    wrong_peers: set[tuple[str, str]] = field(default_factory=set, repr=False)
-
-
-class _SendFailed(Exception):
-    """A send to a neighbour did not complete; the message says why."""
-
-
 # ---------------------------------------------------------------------------------------------
 # The endpoint
 
@@ -125,7 +98,6 @@ class Libp2pEndpoint:
     """A peer's view of a libp2p network (the `Endpoint` protocol). Open it with `open_libp2p_endpoint`."""
 
     def __init__(self, key_pair: KeyPair, limits: TransportLimits):
-        self.bytes_sent = 0  # body bytes written to streams (headers excluded, unacknowledged ones included)
         self.strangers_refused = 0  # diallers hung up on after Noise: not neighbours
         self.limits = limits
         self.admit_others: Callable[[str], bool] | None = None  # who else may stay after Noise (membership)
@@ -137,7 +109,7 @@ class Libp2pEndpoint:
                               muxer_opt={YAMUX_PROTOCOL_ID: Yamux})
         InboundSlots.install(self._host.get_network())
         self.name = self._host.get_id().to_base58()
-        self._send_slots = trio.Semaphore(limits.max_concurrent_sends)
+        self._outbound = OutboundSends(self.name, self._host, limits, self._neighbours, self._drop_connection)
         self._inbound = InboundStreams(self.name, limits, self._neighbours.__contains__, self._drop_connection)
         self._host.set_stream_handler(PROTOCOL_ID, self._inbound.handle_stream)
 
@@ -145,28 +117,17 @@ class Libp2pEndpoint:
 
     async def send(self, to: str, payload: bytes) -> None:
         """Deliver `payload` to neighbour `to`, or log and count why not; never raises (but for cancellation).
+        Returns within `send_timeout_s` (up to `write_stall_s` later when the deadline falls inside a write)."""
+        await self._outbound.send(to, payload)
 
-        Returns within `send_timeout_s`, or up to `write_stall_s` later when the deadline falls inside a
-        write that cannot be cut off safely.
-        """
-        state = self._neighbours.get(to)
-        if state is None:
-            log.warning("%s: not sending to %s, which is not a neighbour", self.name, to)
-            return
-        deadline = trio.current_time() + self.limits.send_timeout_s
-        try:
-            await self._send(to, state, payload, deadline)
-        except _SendFailed as failure:
-            self._failed(to, state, str(failure))
-        except trio.TooSlowError:
-            self._failed(to, state, f"timed out after {self.limits.send_timeout_s:g} s")
-        except STREAM_ERRORS as error:
-            self._failed(to, state, f"{type(error).__name__}: {error}".rstrip(": "))
-        except Exception as error:  # whatever libp2p raises, the peer loop carries on
-            log.exception("%s: unexpected error sending to %s", self.name, to)
-            self._failed(to, state, f"{type(error).__name__}: {error}")
-        else:
-            state.consecutive_failures = 0
+    async def send_many(self, neighbours: Iterable[str], payload: bytes) -> None:
+        """`send` to all of `neighbours` at once, at most `max_concurrent_sends` at a time; never raises."""
+        await self._outbound.send_many(neighbours, payload)
+
+    @property
+    def bytes_sent(self) -> int:
+        """Body bytes written to streams (headers excluded, unacknowledged ones included)."""
+        return self._outbound.bytes_sent
 
     async def receive(self) -> tuple[str, bytes]:
         return await self._inbound.receive()
@@ -230,7 +191,7 @@ class Libp2pEndpoint:
             return
         parse_peer_id(peer_id)  # validate before anything reaches libp2p
         self._neighbours[peer_id] = NeighbourState(dial_addrs(peer_id, addrs))
-        self._forget_addrs(peer_id)
+        self._outbound.forget_addrs(peer_id)
 
     def remove_neighbour(self, peer_id: str) -> None:
         """Stop accepting streams from `peer_id` and sending to it (a member that left the swarm)."""
@@ -242,95 +203,9 @@ class Libp2pEndpoint:
         if state is None:
             raise KeyError(f"{peer_id} is not a neighbour; add_neighbour first")
         state.addrs = dial_addrs(peer_id, addrs)
-        self._forget_addrs(peer_id)
+        self._outbound.forget_addrs(peer_id)
 
-    def _forget_addrs(self, peer_id: str) -> None:
-        # libp2p dials only one address per transport class, so a stale one would shadow the new
-        # one; and after all addresses of a peer are refused it refuses that peer for 60 s.
-        pid = parse_peer_id(peer_id)
-        self._host.get_peerstore().clear_addrs(pid)
-        self._host.get_network().unblock_peer(pid)
-
-    # -- sending ----------------------------------------------------------------------------
-
-    async def _send(self, to: str, state: NeighbourState, payload: bytes, deadline: float) -> None:
-        async with self._turn(state, deadline):
-            try:
-                await self._deliver(to, state, payload, deadline)
-            except BaseException:
-                # Whatever was half-done on the stream (a partial frame, an ack still to come) would
-                # put the next frame out of step: reset it, and the next send opens a new one.
-                await self._forget_stream(state)
-                raise
-
-    @contextlib.asynccontextmanager
-    async def _turn(self, state: NeighbourState, deadline: float) -> AsyncIterator[None]:
-        """One frame at a time on a neighbour's stream, and at most max_concurrent_sends in all."""
-        if not await _acquire_by(state.stream_lock, deadline):
-            raise _SendFailed(f"an earlier send to this neighbour held its stream for {self.limits.send_timeout_s:g} s")
-        try:
-            if not await _acquire_by(self._send_slots, deadline):
-                raise _SendFailed(f"no send slot free within {self.limits.send_timeout_s:g} s")
-            try:
-                yield
-            finally:
-                self._send_slots.release()
-        finally:
-            state.stream_lock.release()
-
-    async def _deliver(self, to: str, state: NeighbourState, payload: bytes, deadline: float) -> None:
-        kept = state.stream is not None
-        stream = await self._stream(to, state, deadline)
-        try:
-            await self._write_frame(to, stream, payload, deadline)
-        except STREAM_ERRORS as error:
-            if not kept:
-                raise
-            # The kept stream died since the last send (the neighbour restarted, reset it, or the
-            # connection dropped). The receiver delivers only whole frames, and this one did not go
-            # out whole, so sending it again on a new stream cannot duplicate it.
-            log.info("%s: the stream kept for %s is gone (%s); sending on a new one", self.name, to,
-                     type(error).__name__)
-            await self._forget_stream(state)
-            stream = await self._stream(to, state, deadline)
-            await self._write_frame(to, stream, payload, deadline)
-        with trio.move_on_at(deadline) as ack_wait:
-            # Cancelling a read is safe but in the window update it may write (at a stream's first read,
-            # then every 4 MiB read; a hit burns a Noise nonce: the neighbour drops the connection, we redial).
-            ack = await read_upto(stream, 1)
-        if ack_wait.cancelled_caught:
-            raise _SendFailed(f"no ack within {self.limits.send_timeout_s:g} s")
-        if ack != ACK:
-            raise _SendFailed("the neighbour closed the stream without acknowledging the update")
-
-    async def _stream(self, to: str, state: NeighbourState, deadline: float) -> INetStream:
-        """The neighbour's kept stream, or a new one (dialling first if not connected)."""
-        pid = parse_peer_id(to)
-        if not self._host.get_network().get_connections(pid):
-            await self._forget_stream(state)  # it belonged to a connection that is gone
-            with trio.move_on_at(deadline) as dialling:  # nothing shared to wedge before we are connected
-                await self._dial(to, pid, state)
-            if dialling.cancelled_caught:
-                await self._drop_connection(to)  # in case the cut-off dial got as far as registering it
-                raise trio.TooSlowError
-        if state.stream is not None:
-            return state.stream
-        # Opening a stream writes (multistream-select) on the shared connection: shielded like the body.
-        with trio.CancelScope(shield=True, deadline=deadline + self.limits.write_stall_s) as opening:
-            stream = await self._host.new_stream(pid, [PROTOCOL_ID])
-            use_fast_stream(stream)
-        if opening.cancelled_caught:
-            await self._drop_connection(to)
-            raise _SendFailed("opening a stream stalled; dropped the connection")
-        state.stream = stream
-        if trio.current_time() >= deadline:
-            raise trio.TooSlowError
-        return stream
-
-    async def _forget_stream(self, state: NeighbourState) -> None:
-        stream, state.stream = state.stream, None
-        if stream is not None:
-            await reset_stream(stream)
+    # -- connections -------------------------------------------------------------------------
 
     async def wait_for_neighbours(self, timeout: float, retry_s: float = 0.25) -> list[str]:
         """Dial every neighbour with a known address until all are connected or `timeout` passes.
@@ -350,7 +225,7 @@ class Libp2pEndpoint:
                     limit = max(retry_s, 1.0)
                     with trio.move_on_after(limit) as dialling:
                         try:
-                            await self._dial(peer, parse_peer_id(peer), state)
+                            await self._outbound.dial(peer, state)
                         except Exception as error:  # not listening yet: try again
                             state.last_error = str(error)
                     if dialling.cancelled_caught:
@@ -358,34 +233,6 @@ class Libp2pEndpoint:
                         await self._drop_connection(peer, quiet=True)  # a cut-off dial may have half-registered
                 await trio.sleep(retry_s)
         return [peer for peer in self._neighbours if not self.connected(peer)]
-
-    async def _dial(self, to: str, pid: ID, state: NeighbourState) -> None:
-        if not state.addrs:
-            raise _SendFailed("not connected and no known address")
-        # Dial exactly the addresses we were given (identify may have added others), and retry a
-        # neighbour libp2p blocked after an earlier failure: our callers decide when to give up.
-        self._forget_addrs(to)
-        try:
-            with quiet_dials():
-                await self._host.connect(PeerInfo(pid, state.addrs))
-        except Exception as error:  # libp2p's layers of wrapping errors: the root cause, in a few words
-            raise _SendFailed(f"cannot connect: {dial_failure(error)}") from error
-
-    async def _write_frame(self, to: str, stream: INetStream, payload: bytes, deadline: float) -> None:
-        pieces = frame_pieces(payload)
-        for index, (piece, body_bytes) in enumerate(pieces):
-            if index:
-                if trio.current_time() >= deadline:
-                    raise trio.TooSlowError
-                await trio.lowlevel.checkpoint()  # an outer cancellation lands here, between chunks
-            # A write cancelled half-way can leave the Noise session wedged: let each chunk finish,
-            # unless it takes write_stall_s (the neighbour stopped reading), and then drop the connection.
-            with trio.CancelScope(shield=True, deadline=trio.current_time() + self.limits.write_stall_s) as scope:
-                await stream.write(piece)
-                self.bytes_sent += body_bytes
-            if scope.cancelled_caught:
-                await self._drop_connection(to)
-                raise _SendFailed(f"a write stalled for {self.limits.write_stall_s:g} s; dropped the connection")
 
     async def _drop_connection(self, peer_id: str, quiet: bool = False) -> None:
         """Close the connection to `peer_id`: an I/O call cut off half-way may have left it unusable."""
@@ -395,25 +242,6 @@ class Libp2pEndpoint:
                 await self._host.disconnect(parse_peer_id(peer_id))
             except Exception as error:
                 log.debug("%s: disconnecting %s failed: %s", self.name, peer_id, error)
-
-    def _failed(self, to: str, state: NeighbourState, reason: str) -> None:
-        state.failures += 1
-        state.consecutive_failures += 1
-        state.last_error = reason
-        log.warning("%s: send to %s failed (%d in a row): %s", self.name, to, state.consecutive_failures, reason)
-
-
-async def _acquire_by(resource: trio.Lock | trio.Semaphore, deadline: float) -> bool:
-    """Acquire `resource` by `deadline` (False if not); without a trio checkpoint when it is free."""
-    try:
-        resource.acquire_nowait()
-        return True
-    except trio.WouldBlock:
-        pass
-    with trio.move_on_at(deadline):
-        await resource.acquire()
-        return True
-    return False
 
 
 @contextlib.asynccontextmanager

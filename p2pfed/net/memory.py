@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -38,6 +38,12 @@ class InMemoryEndpoint:
         self.sent_count[to] = number + 1
         self.bytes_sent += len(payload)
         await self.network.deliver(self.name, to, number, payload)
+
+    async def send_many(self, neighbours: Iterable[str], payload: bytes) -> None:
+        """`send` to each neighbour in the given order, one after another: the drop and delay decisions hash the
+        per-receiver message number, and trio does not promise the order concurrent tasks start in."""
+        for to in neighbours:
+            await self.send(to, payload)
 
     async def receive(self) -> tuple[str, bytes]:
         return await self.inbox_receive.receive()

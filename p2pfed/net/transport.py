@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Protocol
 
 
@@ -19,3 +20,9 @@ class Endpoint(Protocol):
     def online(self, round_index: int) -> bool: ...
 
 
+class SendsMany(Protocol):
+    """What an Endpoint may add (the loop falls back to `send`, one neighbour after another): one payload to
+    several neighbours, concurrently where the transport can (libp2p), in the given order where the order
+    matters (in memory, where faults are hashed from per-receiver message numbers)."""
+
+    async def send_many(self, neighbours: Iterable[str], payload: bytes) -> None: ...
