@@ -316,6 +316,10 @@ class PeerLoop:
             degree=len(neighbours), num_samples=int(self.data.train.numel()),
         )
         payload = wire.encode_update(message, self.spec.network.encoding)
+        send_many = getattr(self.endpoint, "send_many", None)  # net.transport.SendsMany, where the endpoint has it
+        if send_many is not None:
+            await send_many(neighbours, payload)  # on libp2p all at once: a round waits for one ack, not one each
+            return
         for neighbour in neighbours:
             await self.endpoint.send(neighbour, payload)
 
