@@ -152,6 +152,9 @@ class NamedEndpoint:
     async def send(self, to: str, payload: bytes) -> None:
         await self.inner.send(self.ids.get(to, to), payload)  # a member gone meanwhile: refused and logged
 
+    async def send_many(self, neighbours, payload: bytes) -> None:
+        await self.inner.send_many([self.ids.get(to, to) for to in neighbours], payload)
+
     async def receive(self) -> tuple[str, bytes]:
         names = {peer_id: name for name, peer_id in self.ids.items()}
         sender, payload = await self.inner.receive()
