@@ -9,30 +9,13 @@ from __future__ import annotations
 
 import logging
 
-import trio
-
 from p2pfed.net.framing import reset_stream
 from p2pfed.net.identity import identity_from_seed, peer_id_of
 from p2pfed.net.libp2p_endpoint import TransportLimits, open_libp2p_endpoint
+from tests.test_libp2p_transport import LOOPBACK, nothing_arrives, run
 
-LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 LIMITS = TransportLimits(send_timeout_s=5.0)
 PAYLOAD = bytes(range(256)) * 400  # 100 KB: more than the first piece, so a cut falls inside the frame
-
-
-def run(test, seconds: float = 20.0) -> None:
-    async def bounded():
-        with trio.fail_after(seconds):
-            await test()
-
-    trio.run(bounded)
-
-
-async def nothing_arrives(endpoint, seconds: float = 0.3) -> bool:
-    with trio.move_on_after(seconds):
-        await endpoint.receive()
-        return False
-    return True
 
 
 def failing_frames(receiver, how: str, frames: set[int]):
