@@ -52,7 +52,7 @@ def test_the_peer_example_loads_and_id_prints_a_stable_peer_id(tmp_path, capsys)
     from p2pfed.load import load_peer
 
     example = load_peer("examples/peer.toml")
-    assert parse_scheme(example.scheme).trust == "validation" and example.profile.name == "medium" and example.neighbours
+    assert parse_scheme(example.scheme).trust == "spread" and example.profile.name == "medium" and example.neighbours
     key_file = tmp_path / "peer.key"
     assert main(["id", "examples/peer.toml", "--set", f'key_file="{key_file}"']) == 0
     first = capsys.readouterr().out.strip()
