@@ -371,6 +371,13 @@ def swarm_results(out, names):
     return results, members
 
 
+def written_scheme(out) -> str:
+    """The scheme `p2pfed init` wrote into the peer files (the default one): the in-process swarm runs the same."""
+    from p2pfed.load import load_peer
+
+    return load_peer(out / "peer0.toml").scheme
+
+
 def records(peers):
     return {name: [(r.round, r.online, r.neighbours, r.steps, r.train_loss, r.test_ppl, r.trust) for r in peer.rounds]
             for name, peer in peers.items()}
@@ -401,7 +408,7 @@ def test_8_peers_from_init_swarm_follow_the_derived_topology_and_match_the_in_pr
             assert r.neighbours == tuple(f"peer{j}" for j in sorted(graph(r.round).neighbors(peer_index(name))))
             assert r.missing == ()
     assert len({results["peer0"].rounds[r].neighbours for r in (1, 2, 3)}) > 1, "the graph was not redrawn"
-    simulated = run_job(config, workspace, "validation", seed=0, graph=graph)
+    simulated = run_job(config, workspace, written_scheme(tmp_path), seed=0, graph=graph)
     assert records(results) == records(simulated.peers)
     assert "joined swarm lab with 8 member(s)" in outputs["peer3"]
 
@@ -466,5 +473,5 @@ def test_a_newcomer_after_round_3_and_a_leaver_at_round_5_re_derive_the_graph_an
     assert len(results["peer8"].rounds[join].neighbours) == 2  # random_regular d=2: it has its two at once
     assert results["peer8"].rounds[join].steps == 2  # trained from the shared init, not before it joined
     assert all("peer3" not in results[n].rounds[r].neighbours for n in names for r in range(5, 9))
-    simulated = run_job(config, workspace, "validation", seed=0, graph=graph)
+    simulated = run_job(config, workspace, written_scheme(tmp_path), seed=0, graph=graph)
     assert records(results) == records(simulated.peers)
