@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,11 +10,9 @@ import pytest
 
 from p2pfed.cli import main
 from p2pfed.config import ConfigError
-from p2pfed.launch import peer_configs, write_peer_toml
-from p2pfed.load import load_experiment, with_plugins
+from p2pfed.load import load_experiment, load_peer, with_plugins
 from p2pfed.plugins import import_plugins, plugin_module_name
 from p2pfed.strategies import AGGREGATORS, TRUST_RULES
-from p2pfed.topology import build_graph
 
 RULE = '''
 from p2pfed.strategies import TrustInputs, trust_rule
@@ -59,7 +55,8 @@ def _forget(rules: set, aggregators: set, modules: set) -> None:
         for name in set(table) - before:
             del table[name]
     for name in set(sys.modules) - modules:
-        del sys.modules[name]
+        if name.startswith("p2pfed_plugin_") or name == "other_rules":  # the plugins only: p2pfed's stay as they are
+            del sys.modules[name]
 
 
 @pytest.fixture
@@ -131,22 +128,15 @@ def test_plugin_adds_to_the_files_plugins_from_the_working_directory(registry, e
     assert config.schemes == ("extra-rule",) and "extra-rule" in TRUST_RULES
 
 
-def test_a_libp2p_peer_process_started_elsewhere_knows_the_rule(registry, experiment, tmp_path):
-    config = load_experiment(experiment)
-    graph = build_graph(config.topology, config.num_peers, seed=0)
-    peer = peer_configs(config, graph, "my-rule", 0, tmp_path / "job", [4001, 4002])[0]
-    path = tmp_path / "job" / "peer0.toml"
-    path.parent.mkdir()
-    write_peer_toml(peer, path)
+def test_libp2p_peer_processes_started_elsewhere_use_the_plugins_rule(registry, experiment, tmp_path, monkeypatch):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    # `p2pfed id` loads the file as `p2pfed peer` and the fork server's children do (load_peer): a fresh process,
-    # so the rule is known only if the file's plugins are imported.
-    done = subprocess.run([sys.executable, "-m", "p2pfed", "id", str(path)], cwd=elsewhere, capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip()
-    write_peer_toml(dataclasses.replace(peer, plugins=()), path)  # the same peer without its plugins
-    refused = subprocess.run([sys.executable, "-m", "p2pfed", "id", str(path)], cwd=elsewhere, capture_output=True,
-                             text=True, timeout=120)
-    assert refused.returncode == 2 and "unknown scheme 'my-rule'" in refused.stderr, refused.stderr
+    monkeypatch.chdir(elsewhere)
+    out = tmp_path / "run"
+    # Each peer is a child of a fresh `python -m p2pfed.forkserver`: it knows the rule only from its PEER.toml.
+    assert main(["run", str(experiment), "--set", 'runtime="libp2p"', "--set", 'schemes=["my-rule"]',
+                 "--set", "network.round_timeout_s=60", "--out", str(out)]) == 0
+    peer_file = load_peer(out / "libp2p" / "my-rule-seed0" / "peer0.toml")
+    assert peer_file.plugins == (str(experiment.parent / "my_rule.py"),)
+    summary = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert summary["schemes"]["my-rule"]["trust"]["peer1"] == pytest.approx({"peer0": 0.75, "peer1": 0.25})
