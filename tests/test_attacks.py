@@ -54,7 +54,7 @@ def eight_peers():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["noise", "sign_flip", "scale", "huge"])
-@pytest.mark.parametrize("scheme", ["validation", "predictions"])
+@pytest.mark.parametrize("scheme", ["spread", "validation", "predictions"])
 def test_trust_shuts_out_visible_attacks_by_round_two(eight_peers, kind, scheme):
     _, workspace = eight_peers
     config = attacked_config(kind, "num_peers=8")
