@@ -36,7 +36,9 @@ def add_init_command(subparsers) -> None:
                            "repeat it to spread the peers over machines (peer K gets the K-th, round-robin)")
     init.add_argument("--swarm", metavar="NAME",
                       help="membership mode: peers join swarm NAME through peer0's address (the bootstrap) and "
-                           "derive their neighbours from the members and the topology, instead of listing them")
+                           "derive their neighbours from the members and the topology, instead of listing them; "
+                           "the swarm is closed: only these N keys may join (each file's [members] table; delete "
+                           "it in every file to let anyone who knows the swarm's name and an address join)")
     init.add_argument("--scheme", help="the peers' scheme (default: the experiment's one scheme, else spread)")
     init.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                       help="override an experiment key, e.g. --set training.rounds=5")
@@ -51,6 +53,9 @@ def run_init(args: argparse.Namespace) -> int:
         print(f"{path}: {peer.name} listens on {peer.listen[0]}, " + (
             f"joins swarm {peer.swarm} through {peer.bootstrap[0]}" if peer.swarm else
             f"neighbours {', '.join(n.name for n in peer.neighbours) or '(none)'}"))
+    if args.swarm:
+        print(f"swarm {args.swarm} is closed: only these {len(paths)} peers' keys may join ([members] in each file; "
+              "delete that table in every file to open the swarm to anyone who knows its name and an address)")
     print(f"start each peer with: p2pfed peer {Path(args.out) / 'peerK.toml'} (on the machine of its address)")
     return 0
 
@@ -58,7 +63,8 @@ def run_init(args: argparse.Namespace) -> int:
 def init_swarm(num_peers: int, out: Path, experiment: str | None = None, overrides: Sequence[str] = (),
                hosts: Sequence[str] = (DEFAULT_HOST,), scheme: str | None = None, swarm: str | None = None) -> list[Path]:
     """Write the key files and peer files of a swarm of `num_peers` into `out`; the peer files' paths. With
-    `swarm`, the files name the swarm and peer0's address as the bootstrap instead of listing neighbours."""
+    `swarm`, the files name the swarm and peer0's address as the bootstrap instead of listing neighbours, and
+    close it: each lists every peer's name and peer ID (`members`)."""
     from p2pfed.launch import swarm_configs, write_peer_toml
     from p2pfed.net.identity import identity_from_file, peer_id_of
 
@@ -81,8 +87,10 @@ def init_swarm(num_peers: int, out: Path, experiment: str | None = None, overrid
     if swarm:
         # Every member derives its neighbours from the members and the topology (static ones too).
         bootstrap = (f"{addrs[0]}/p2p/{peer_ids[0]}",)
-        configs = [dataclasses.replace(c, neighbours=(), topology=config.topology, swarm=swarm, bootstrap=bootstrap)
-                   for c in configs]
+        # Closed: init made every key, so every file lists them all and strangers get no name (docs/libp2p.md).
+        members = {peer_name(i): peer_ids[i] for i in range(num_peers)}
+        configs = [dataclasses.replace(c, neighbours=(), topology=config.topology, swarm=swarm, bootstrap=bootstrap,
+                                       members=members) for c in configs]
     for peer, path in zip(configs, paths):
         write_peer_toml(peer, path)
         path.write_text(f"# {peer.name} of a swarm of {num_peers} (p2pfed init); start it with `p2pfed peer "

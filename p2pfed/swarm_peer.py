@@ -37,7 +37,8 @@ def member_settings(config: PeerConfig):
         swarm=config.swarm, name=config.name, num_peers=config.num_peers, bootstrap=tuple(config.bootstrap),
         member_timeout_s=config.member_timeout_s, startup_timeout_s=config.startup_timeout_s,
         join_round=own.join if own else 1, leave_round=own.leave if own else None,
-        expected=sum(peer_name(i) not in late for i in range(config.num_peers)), last_round=config.training.rounds)
+        expected=sum(peer_name(i) not in late for i in range(config.num_peers)), last_round=config.training.rounds,
+        members=tuple(sorted(config.members.items())))
 
 
 @dataclass
@@ -61,6 +62,12 @@ class SwarmMember:
     def open(self, key_pair, endpoint) -> None:
         from p2pfed.net.membership import Membership
 
+        from p2pfed.config import ConfigError
+        from p2pfed.net.identity import peer_id_of
+
+        listed, own_id = self.config.members.get(self.config.name), peer_id_of(key_pair)
+        if self.config.members and listed != own_id:  # the members would refuse every record of this peer
+            raise ConfigError(f"members.{self.config.name}: {listed} is not this peer's key's ID ({own_id})")
         self.membership = Membership(member_settings(self.config), key_pair, endpoint, lambda: self.finished_round)
         self.own_id = self.membership.own_id
         self.membership.open()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from p2pfed.config.checks import check, check_finite, peer_index
+from p2pfed.config.checks import PEER_NAME, check, check_finite, peer_index
 from p2pfed.config.experiment import ExperimentConfig, Sections
 from p2pfed.config.network import AttackConfig, NeighbourConfig
 from p2pfed.config.sections import PeerProfile
@@ -50,6 +50,9 @@ class PeerConfig(Sections):
     swarm: str = ""
     bootstrap: tuple[str, ...] = ()
     member_timeout_s: float = 30.0
+    # A closed swarm: name -> peer ID of everyone who may be a member (p2pfed init --swarm writes it). A record
+    # or dialler not in it is refused; empty: an open swarm, where names are first-come.
+    members: dict[str, str] = field(default_factory=dict)
     plugins: tuple[str, ...] = ()  # as an experiment's (p2pfed.plugins): imported before the scheme is looked up
 
     def as_experiment(self) -> ExperimentConfig:
@@ -78,6 +81,7 @@ class PeerConfig(Sections):
         check(self.member_timeout_s > 0, "member_timeout_s", "must be positive")
         if not self.swarm:
             check(not self.bootstrap, "bootstrap", "needs swarm = \"NAME\" (the swarm to join)")
+            check(not self.members, "members", "needs swarm = \"NAME\" (the swarm it closes)")
             return
         check(SWARM_NAME.fullmatch(self.swarm) is not None, "swarm",
               "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
@@ -89,3 +93,30 @@ class PeerConfig(Sections):
             head, sep, tail = addr.partition("/p2p/")
             check(bool(sep) and bool(head) and bool(tail) and "/" not in tail, f"bootstrap[{i}]",
                   f"{addr!r} must end in /p2p/PEER_ID (a running member's address and ID)")
+        self._validate_members()
+
+    def _validate_members(self) -> None:
+        if not self.members:
+            return
+        for name, peer_id in self.members.items():
+            check(PEER_NAME.fullmatch(name) is not None and peer_index(name) < self.num_peers, f"members.{name}",
+                  f"not a member name: they are peer0..peer{self.num_peers - 1}")
+            check(is_peer_id(peer_id), f"members.{name}", f"{peer_id!r} is not a libp2p peer ID")
+        check(len(set(self.members.values())) == len(self.members), "members", "lists a peer ID twice")
+        check(self.name in self.members, "members", f"does not list this peer ({self.name}): it could not join")
+
+
+BASE58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+
+
+def is_peer_id(text: object) -> bool:
+    """Whether `text` is a base58 multihash ("identity" or sha2-256) as p2pfed.net.identity.parse_peer_id takes:
+    the config layer checks it without libp2p."""
+    if not isinstance(text, str) or not 2 <= len(text) <= 128 or any(c not in BASE58 for c in text):
+        return False
+    number = 0
+    for c in text:
+        number = number * 58 + BASE58.index(c)
+    zeros = len(text) - len(text.lstrip("1"))
+    raw = b"\0" * zeros + number.to_bytes((number.bit_length() + 7) // 8, "big")
+    return len(raw) >= 2 and raw[0] in (0x00, 0x12) and len(raw) == 2 + raw[1]

@@ -25,7 +25,10 @@ async def serve_stream(membership, stream) -> None:
     remote = stream.muxed_conn.peer_id.to_base58()  # authenticated by Noise
     view, name = membership.view, membership.settings.name
     member = remote in view.records
-    refused = membership.gate.start(remote, member, trio.current_time())
+    if not view.listed(remote):  # a closed swarm's stranger (on a connection we dialled): no slot, no answer
+        refused = "not in this closed swarm's members table"
+    else:
+        refused = membership.gate.start(remote, member, trio.current_time())
     if refused is not None:
         await reset_stream(stream)
         if view.note_refused(remote, refused):

@@ -4,6 +4,8 @@ No I/O and no clock of its own (the caller passes `now`), so the rules are teste
 - a record must verify (p2pfed.net.member_records), name this swarm and a name below num_peers;
 - a higher seq replaces a lower one; an equal or lower one changes nothing (nor does a copy of this peer's own);
 - a name is held first-come: while a live member holds peerK, another peer ID claiming peerK is refused;
+- in a closed swarm (`allowed`, the peer file's members table) only the table's (name, peer ID) pairs are taken,
+  so a stranger gets no name, and nobody another member's name, online or not;
 - a member whose record was not refreshed (a higher seq, seen directly or relayed) for `timeout_s` is dropped,
   and only a record fresher than the one it was dropped with brings it back.
 """
@@ -31,6 +33,7 @@ class MemberView:
     dropped: dict[str, int] = field(default_factory=dict)  # peer ID -> the seq it was dropped with
     own_seen: MemberRecord | None = None  # the newest record of this peer's own ID met (from a run before)
     refused: set[tuple[str, str]] = field(default_factory=set)  # (peer ID, reason) already logged
+    allowed: dict[str, str] = field(default_factory=dict)  # a closed swarm's name -> peer ID; empty: open
 
     def set_own(self, signed: SignedRecord, now: float) -> None:
         self._put(signed)
@@ -60,11 +63,18 @@ class MemberView:
         if peer_index(record.name) >= self.num_peers:
             raise MembershipError(f"{record.peer_id} claims {record.name}; this swarm's names are "
                                   f"peer0..peer{self.num_peers - 1}")
+        if self.allowed and self.allowed.get(record.name) != record.peer_id:
+            raise MembershipError(f"{record.peer_id} claims {record.name}, which this closed swarm's members "
+                                  f"table gives to {self.allowed.get(record.name, 'nobody')}")
         holder = self.holder(record.name)
         if holder is not None and holder != record.peer_id:
             raise MembershipError(f"{record.peer_id} claims {record.name}, which {holder} holds")
         if not known and len(self.records) >= self.num_peers:
             raise MembershipError(f"{record.peer_id}'s record is one more than the {self.num_peers} members kept")
+
+    def listed(self, peer_id: str) -> bool:
+        """Whether `peer_id` may be a member at all: anyone in an open swarm, the table's IDs in a closed one."""
+        return not self.allowed or peer_id in self.allowed.values()  # at most MAX_SWARM_PEERS: no index needed
 
     def touch(self, peer_id: str, now: float) -> None:
         """A member answered us directly: it is alive, whatever its record's age."""

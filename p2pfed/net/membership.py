@@ -16,6 +16,8 @@ Strangers: libp2p hands over a dialler only after Noise has authenticated its pe
 we hold) are admitted; anyone else only within a small budget (p2pfed.net.member_gate: a few exchanges, slots
 of its own, its connection closed after a grace period), gets an answer only if its message carries a valid
 record of its own, of this swarm, and introduces only itself (relayed records are taken from members only).
+A closed swarm (MemberSettings.members, the peer file's table) hangs up on a dialler whose peer ID it does not
+list before it costs a token of that budget, answers none of its streams, and takes only the listed records.
 Update streams stay for members (the endpoint's neighbours), which is what every member of the swarm becomes.
 """
 
@@ -71,6 +73,7 @@ class MemberSettings:
     leave_round: int | None = None
     expected: int = 1  # members (this one included) of round 1 to wait for at start
     last_round: int = 1 << 30  # a newcomer never joins after the swarm's last round
+    members: tuple[tuple[str, str], ...] = ()  # a closed swarm's (name, peer ID) pairs; empty: an open swarm
 
 
 class Membership:
@@ -83,7 +86,8 @@ class Membership:
         self.endpoint = endpoint  # a Libp2pEndpoint
         self.current_round = current_round  # the last round this peer finished (0 before round 1)
         self.own_id = peer_id_of(key_pair)
-        self.view = MemberView(settings.swarm, self.own_id, settings.num_peers, settings.member_timeout_s)
+        self.view = MemberView(settings.swarm, self.own_id, settings.num_peers, settings.member_timeout_s,
+                               allowed=dict(settings.members))
         self.ids: dict[str, str] = {}  # member name -> peer ID, kept current (the peer's NamedEndpoint reads it)
         self.synced: set[str] = set()  # members that hold our newest record (a direct exchange succeeded)
         self.errors: dict[str, str] = {}  # peer ID -> why the last exchange with it failed
@@ -110,7 +114,9 @@ class Membership:
         for pid, _ in self.bootstraps():
             parse_peer_id(pid)
         self._sign(self.settings.join_round, self.settings.leave_round)
-        self.endpoint.admit_others = lambda peer_id: self.gate.admit(peer_id, trio.current_time())
+        # A closed swarm's stranger is hung up on after Noise before it spends a token of the strangers' budget.
+        self.endpoint.admit_others = lambda peer_id: (self.view.listed(peer_id)
+                                                      and self.gate.admit(peer_id, trio.current_time()))
         self.endpoint.host.set_stream_handler(MEMBERS_PROTOCOL, functools.partial(serve_stream, self))
 
     # -- joining -------------------------------------------------------------------------
