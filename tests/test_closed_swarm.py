@@ -127,3 +127,25 @@ def test_a_squatter_with_a_fresh_key_cannot_join_a_closed_swarm_while_the_listed
             assert members[0].gate.tokens >= STRANGER_BURST - 2
             assert IDS[5] not in members[0].gate.admitted
     trio.run(main)
+
+
+def test_a_stream_from_an_unlisted_peer_on_a_connection_the_member_dialled_is_reset_unread():
+    from types import SimpleNamespace
+
+    from p2pfed.net.member_gate import StrangerGate
+    from p2pfed.net.member_serving import serve_stream
+
+    class Stream:
+        muxed_conn = SimpleNamespace(peer_id=SimpleNamespace(to_base58=lambda: IDS[5]))
+        was_reset = False
+
+        async def read(self, n=None):
+            raise AssertionError("a closed swarm read an unlisted peer's message")
+
+        async def reset(self):
+            self.was_reset = True
+
+    membership = SimpleNamespace(view=closed_view(), gate=StrangerGate(), settings=SimpleNamespace(name="peer0"))
+    stream = Stream()
+    trio.run(serve_stream, membership, stream)
+    assert stream.was_reset and not membership.gate.admitted and not membership.gate.strangers_serving
