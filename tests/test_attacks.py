@@ -53,7 +53,9 @@ def eight_peers():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["noise", "sign_flip", "scale", "huge"])
+# Scaled and extreme updates never reach trust (the norm bound and the decoder drop them: the tests below),
+# so only the attacks that trust itself must see are run for each rule.
+@pytest.mark.parametrize("kind", ["noise", "sign_flip"])
 @pytest.mark.parametrize("scheme", ["spread", "validation", "predictions"])
 def test_trust_shuts_out_visible_attacks_by_round_two(eight_peers, kind, scheme):
     _, workspace = eight_peers
